@@ -1,0 +1,60 @@
+"""The raw-text format every data source produces and the tokenize stage reads.
+
+A raw directory holds `train.jsonl` and `validation.jsonl` (one `{"text": story}` object per
+line, UTF-8) and `source.json` (where the stories came from, counts, bytes). Keeping one format
+means later stages never care whether stories were synthetic, downloaded or local.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from gemma3.errors import Gemma3Error
+from gemma3.io import atomic_path, atomic_write_json
+
+SPLITS = ("train", "validation")
+
+
+def split_path(raw_dir: str | os.PathLike[str], split: str) -> Path:
+    return Path(raw_dir) / f"{split}.jsonl"
+
+
+def write_split(
+    raw_dir: str | os.PathLike[str], split: str, stories: Iterable[str]
+) -> dict[str, int]:
+    """Write one split atomically; return {"stories": n, "bytes": utf-8 bytes of the texts}."""
+    n = n_bytes = 0
+    with atomic_path(split_path(raw_dir, split)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for text in stories:
+            f.write(json.dumps({"text": text}, ensure_ascii=False))
+            f.write("\n")
+            n += 1
+            n_bytes += len(text.encode("utf-8"))
+    return {"stories": n, "bytes": n_bytes}
+
+
+def write_source_info(raw_dir: str | os.PathLike[str], info: dict[str, Any]) -> None:
+    atomic_write_json(Path(raw_dir) / "source.json", info)
+
+
+def read_split(raw_dir: str | os.PathLike[str], split: str) -> Iterator[str]:
+    """Yield the stories of one split; a missing or malformed file is a one-line error."""
+    path = split_path(raw_dir, split)
+    if not path.is_file():
+        raise Gemma3Error(
+            f"{path}: raw split not found; run the download stage first (dvc repro download)"
+        )
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise Gemma3Error(
+                    f'{path}:{lineno}: not a {{"text": ...}} JSON line ({e})'
+                ) from None

@@ -1,0 +1,54 @@
+"""One exception type for problems a user can fix, and a wrapper that prints it in one line.
+
+Library code raises `Gemma3Error` with a message that names the file, the field and the fix.
+Entry points (stage scripts, the CLI) wrap their `main` with `run_main`, so the user sees
+`error: <message>` on stderr and a non-zero exit instead of a traceback. Set GEMMA3_DEBUG=1
+to get the traceback back.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class Gemma3Error(Exception):
+    """An error caused by input the user can fix (params, files, flags). Message is one line."""
+
+
+def fail(message: str) -> NoReturn:
+    raise Gemma3Error(message)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def run_main(main: Callable[[], int | None], prog: str | None = None) -> NoReturn:
+    """Run `main` and exit; user errors become one stderr line, tracebacks need GEMMA3_DEBUG=1."""
+    debug = os.environ.get("GEMMA3_DEBUG", "") not in ("", "0")
+    name = prog or os.path.basename(sys.argv[0] or "gemma3")
+    try:
+        code = main()
+    except Gemma3Error as e:
+        if debug:
+            raise
+        print(f"{name}: error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{name}: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except (OSError, MemoryError) as e:
+        # Disk full, permission denied, out of memory: not a bug in our code, so no traceback.
+        if debug:
+            raise
+        print(f"{name}: error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(int(code or 0))

@@ -1,0 +1,269 @@
+"""Hugging Face compatibility: config mapping, state-dict conversion, checkpoint directories.
+
+Our module names already equal HF's `Gemma3ForCausalLM` keys, so conversion is only about the
+things that differ in storage: a tied lm head (HF omits `lm_head.weight`) and vocab padding (HF
+sees exactly `vocab_size` rows). A checkpoint directory is HF's layout (`config.json` +
+`model.safetensors` + GPT-2 tokenizer files), so `from_pretrained(dir)` loads it as-is, plus a
+small `gemma3.json` with our preset name and training metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gemma3.config import FULL, SLIDING, Config, ConfigError
+from gemma3.errors import Gemma3Error
+from gemma3.io import atomic_dir, atomic_write_json
+from gemma3.model import Gemma3ForCausalLM
+from gemma3.tokenizer import EOT_ID, write_hf_tokenizer_files
+
+WEIGHTS = "model.safetensors"
+HF_CONFIG = "config.json"
+META = "gemma3.json"
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def to_hf_config(cfg: Config, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The `config.json` dict of a `Gemma3TextConfig` for this architecture (transformers 5.x)."""
+    eot = EOT_ID if cfg.vocab_size > EOT_ID else None  # test vocabularies may be tiny
+    return {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.emb_dim,
+        "intermediate_size": cfg.hidden_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_groups,
+        "head_dim": cfg.head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": cfg.context_length,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "sliding_window": cfg.sliding_window,
+        "layer_types": list(cfg.layer_types),
+        "query_pre_attn_scalar": _int_if_integral(cfg.query_pre_attn_scalar),
+        "rope_parameters": {
+            SLIDING: {"rope_type": "default", "rope_theta": cfg.rope_local_base},
+            FULL: {"rope_type": "default", "rope_theta": cfg.rope_base},
+        },
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "final_logit_softcapping": None,
+        "attn_logit_softcapping": None,
+        "use_bidirectional_attention": False,
+        "initializer_range": 0.02,
+        # With the GPT-2 vocabulary the default pad id 0 is the real token "!": use <|endoftext|>.
+        "pad_token_id": eot,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _int_if_integral(x: float) -> float | int:
+    """transformers types query_pre_attn_scalar as int; keep a real fraction if one is set."""
+    return int(x) if float(x).is_integer() else x
+
+
+def from_hf_config(d: dict[str, Any], name: str = "custom", vocab_pad_multiple: int = 1) -> Config:
+    """Our Config from a Gemma 3 text `config.json` dict (new rope_parameters or legacy keys)."""
+    if not d.get("qk_norm", True):
+        raise ConfigError("qk_norm", "Gemma 3 always uses QK-norm")
+    rope = d.get("rope_parameters") or {}
+    try:
+        local = rope.get(SLIDING, {}).get("rope_theta", d.get("rope_local_base_freq", 10_000.0))
+        glob = rope.get(FULL, {}).get("rope_theta", d.get("rope_theta", 1_000_000.0))
+        n_layers = d["num_hidden_layers"]
+        return Config(
+            name=name,
+            vocab_size=d["vocab_size"],
+            context_length=d.get("max_position_embeddings", 32768),
+            emb_dim=d["hidden_size"],
+            n_heads=d["num_attention_heads"],
+            n_layers=n_layers,
+            hidden_dim=d["intermediate_size"],
+            head_dim=d["head_dim"],
+            n_kv_groups=d["num_key_value_heads"],
+            rope_local_base=float(local),
+            rope_base=float(glob),
+            sliding_window=d["sliding_window"],
+            layer_types=tuple(d["layer_types"]),
+            query_pre_attn_scalar=float(d["query_pre_attn_scalar"]),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(d.get("tie_word_embeddings", True)),
+            vocab_pad_multiple=vocab_pad_multiple,
+        )
+    except KeyError as e:
+        raise Gemma3Error(f"config.json: missing field {e.args[0]!r}") from None
+
+
+def to_hf_state_dict(
+    model: Gemma3ForCausalLM, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """HF-keyed tensors: vocab padding cropped, tied head omitted, contiguous, optional dtype."""
+    cfg = model.config
+    out: dict[str, torch.Tensor] = {}
+    for key, t in model.state_dict().items():
+        if key == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        if key in ("model.embed_tokens.weight", "lm_head.weight"):
+            t = t[: cfg.vocab_size]
+        t = t.detach()
+        if dtype is not None:
+            t = t.to(dtype)
+        out[key] = t.contiguous().clone()
+    return out
+
+
+def load_hf_state_dict(
+    model: Gemma3ForCausalLM, sd: dict[str, torch.Tensor], source: str = "weights"
+) -> None:
+    """Load HF-keyed tensors into our model, padding vocab rows; mismatches are one-line errors."""
+    cfg = model.config
+    own = model.state_dict()
+    expected = set(own) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - set(own))
+    if missing or unexpected:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        n = len(missing) + len(unexpected)
+        raise Gemma3Error(f"{source}: weights do not match the config ({what}, {n} key(s) differ)")
+    with torch.no_grad():
+        for key in expected:
+            t, target = sd[key], own[key]
+            if (
+                key in ("model.embed_tokens.weight", "lm_head.weight")
+                and t.shape[0] != target.shape[0]
+            ):
+                if t.shape[0] != cfg.vocab_size or t.shape[1:] != target.shape[1:]:
+                    raise Gemma3Error(
+                        f"{source}: {key} has shape {tuple(t.shape)}, config expects "
+                        f"({cfg.vocab_size}, {cfg.emb_dim})"
+                    )
+                padded = torch.zeros_like(target)
+                padded[: cfg.vocab_size] = t
+                t = padded
+            if t.shape != target.shape:
+                raise Gemma3Error(
+                    f"{source}: {key} has shape {tuple(t.shape)}, config expects {tuple(target.shape)}"
+                )
+            target.copy_(t.to(target.dtype))
+
+
+def to_transformers(model: Gemma3ForCausalLM) -> Any:
+    """A `transformers.Gemma3ForCausalLM` with our weights (needs the `hf` extra)."""
+    from transformers import Gemma3ForCausalLM as HFModel
+    from transformers import Gemma3TextConfig
+
+    hf_cfg = to_hf_config(model.config)
+    hf_cfg.pop("architectures"), hf_cfg.pop("model_type"), hf_cfg.pop("dtype")
+    hf = HFModel(Gemma3TextConfig(**hf_cfg)).eval()
+    hf.load_state_dict(to_hf_state_dict(model), strict=not model.config.tie_embeddings)
+    if model.config.tie_embeddings:
+        hf.tie_weights()
+    return hf
+
+
+def from_transformers(hf_model: Any, vocab_pad_multiple: int = 1) -> Gemma3ForCausalLM:
+    """Our model from a `transformers.Gemma3ForCausalLM` (its config and weights)."""
+    cfg = from_hf_config(hf_model.config.to_dict(), vocab_pad_multiple=vocab_pad_multiple)
+    model = Gemma3ForCausalLM(cfg)
+    sd = {
+        k: v
+        for k, v in hf_model.state_dict().items()
+        if not (cfg.tie_embeddings and k == "lm_head.weight")
+    }
+    load_hf_state_dict(model, sd, source="transformers model")
+    return model
+
+
+def save_checkpoint(
+    model: Gemma3ForCausalLM,
+    directory: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write an HF-layout checkpoint directory atomically (a crash leaves the old one intact)."""
+    directory = Path(directory)
+    cfg = model.config
+    sd = to_hf_state_dict(model, dtype)
+    store_dtype = dtype or next(iter(sd.values())).dtype
+    with atomic_dir(directory) as tmp:
+        save_file(
+            {k: v.cpu() for k, v in sd.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"}
+        )
+        atomic_write_json(tmp / HF_CONFIG, to_hf_config(cfg, store_dtype))
+        atomic_write_json(
+            tmp / "generation_config.json",
+            {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID},
+        )
+        write_hf_tokenizer_files(tmp, cfg.context_length)
+        atomic_write_json(tmp / META, {"preset": cfg.name, "config": cfg.to_dict(), **(meta or {})})
+    return directory
+
+
+def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(directory) / META
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise Gemma3Error(f"{path}: not valid JSON ({e})") from None
+
+
+def load_config(directory: str | os.PathLike[str], vocab_pad_multiple: int = 1) -> Config:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise Gemma3Error(
+            f"{directory}: checkpoint directory not found (train first, or dvc pull it)"
+        )
+    path = directory / HF_CONFIG
+    if not path.is_file():
+        raise Gemma3Error(f"{path}: missing; not a checkpoint directory")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise Gemma3Error(f"{path}: not valid JSON ({e})") from None
+    name = read_meta(directory).get("preset", "custom")
+    return from_hf_config(d, name=name, vocab_pad_multiple=vocab_pad_multiple)
+
+
+def load_checkpoint(
+    directory: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    vocab_pad_multiple: int = 1,
+) -> Gemma3ForCausalLM:
+    """Load a checkpoint directory (ours or one written by HF `save_pretrained`); no pickle."""
+    directory = Path(directory)
+    cfg = load_config(directory, vocab_pad_multiple)
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise Gemma3Error(
+            f"{weights}: missing; the checkpoint is incomplete (re-run training or dvc pull)"
+        )
+    try:
+        sd = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise Gemma3Error(f"{weights}: unreadable or truncated safetensors file ({e})") from None
+    model = Gemma3ForCausalLM(cfg)
+    load_hf_state_dict(model, sd, source=str(weights))
+    model = model.to(device=device)
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    return model.eval()

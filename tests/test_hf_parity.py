@@ -1,0 +1,105 @@
+"""Our model against Hugging Face transformers' Gemma3ForCausalLM: the independent truth."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gemma3.config import FULL, SLIDING, Config
+from gemma3.hf import from_transformers, load_checkpoint, save_checkpoint, to_transformers
+from gemma3.model import Gemma3ForCausalLM
+
+transformers = pytest.importorskip("transformers")
+
+# Sequence longer than the window, sliding + full layers, GQA (2 KV heads for 4 query heads) and a
+# query_pre_attn_scalar that differs from head_dim, so each of those details is exercised.
+SMALL = dict(
+    name="parity-small",
+    vocab_size=320,
+    context_length=256,
+    emb_dim=48,
+    n_heads=4,
+    n_kv_groups=2,
+    head_dim=24,
+    hidden_dim=96,
+    n_layers=4,
+    layer_types=(SLIDING, SLIDING, FULL, SLIDING),
+    sliding_window=7,
+    query_pre_attn_scalar=40.0,
+    rope_local_base=10_000.0,
+    rope_base=1_000_000.0,
+)
+
+
+def random_model(cfg: Config, seed: int = 0) -> Gemma3ForCausalLM:
+    """Random weights everywhere, norm weights included (zeros would hide (1+w) mistakes)."""
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.uniform_(-0.5, 0.5)
+            else:
+                p.normal_(0.0, 0.05)
+    return model.eval()
+
+
+def max_logit_diff(ours: Gemma3ForCausalLM, hf, idx: torch.Tensor) -> float:
+    with torch.no_grad():
+        a, _ = ours(idx)
+        b = hf(input_ids=idx).logits
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_small_config_matches_transformers(tied: bool) -> None:
+    cfg = Config(**SMALL, tie_embeddings=tied)
+    ours = random_model(cfg)
+    hf = to_transformers(ours)
+    idx = torch.randint(0, cfg.vocab_size, (2, 40))  # 40 > window 7
+    assert max_logit_diff(ours, hf, idx) <= 1e-5
+
+
+def test_270m_preset_matches_transformers() -> None:
+    cfg = Config.from_name("gemma3-270m")
+    ours = random_model(cfg)
+    hf = to_transformers(ours)
+    idx = torch.randint(0, cfg.vocab_size, (1, 12))
+    assert max_logit_diff(ours, hf, idx) <= 1e-5
+
+
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_window_off_by_one_is_detected(delta: int) -> None:
+    """A window of W-1 or W+1 must give clearly different logits: the parity test can fail."""
+    cfg = Config(**SMALL)
+    hf = to_transformers(random_model(cfg))
+    wrong = random_model(cfg.replace(sliding_window=cfg.sliding_window + delta))
+    idx = torch.randint(0, cfg.vocab_size, (2, 40))
+    assert max_logit_diff(wrong, hf, idx) > 1e-2
+
+
+def test_loss_matches_transformers() -> None:
+    cfg = Config(**SMALL)
+    ours = random_model(cfg)
+    hf = to_transformers(ours)
+    idx = torch.randint(0, cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        _, loss = ours(idx[:, :-1], idx[:, 1:])
+        hf_loss = hf(input_ids=idx, labels=idx).loss  # HF shifts labels internally
+    assert abs(loss.item() - hf_loss.item()) < 1e-5
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_checkpoint_round_trip_through_from_pretrained(tmp_path, tied: bool) -> None:
+    cfg = Config(**SMALL, tie_embeddings=tied, vocab_pad_multiple=64)  # padded rows are cropped
+    ours = random_model(cfg)
+    save_checkpoint(ours, tmp_path / "ckpt")
+    hf = transformers.Gemma3ForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert hf.config.vocab_size == cfg.vocab_size
+    back = from_transformers(hf, vocab_pad_multiple=64)
+    loaded = load_checkpoint(tmp_path / "ckpt", vocab_pad_multiple=64)
+    for name, t in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t), name
+        assert torch.equal(loaded.state_dict()[name], t), name
+    idx = torch.randint(0, cfg.vocab_size, (1, 16))
+    assert max_logit_diff(ours, hf.eval(), idx) <= 1e-5
