@@ -40,10 +40,11 @@ def run_main(main: Callable[[], int | None], prog: str | None = None) -> NoRetur
             raise
         print(f"{name}: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             raise
-        print(f"{name}: interrupted", file=sys.stderr)
+        detail = f": {_one_line(e)}" if str(e) else ""
+        print(f"{name}: interrupted{detail}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except (OSError, MemoryError) as e:
         # Disk full, permission denied, out of memory: not a bug in our code, so no traceback.

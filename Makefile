@@ -1,0 +1,54 @@
+# Two entry points for a fresh machine (see README): `make run` and `make test`.
+# Both create .venv on first use; later calls reuse it (delete .venv to start over).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch==2.13.0 from PyPI is the CUDA build on Linux x86-64 (it also runs on CPU); mirrors that
+# carry a CPU-only wheel of that version (like this project's CI machines) install that instead.
+# Pick another build with e.g.  make run TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+TORCH ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+export DVC_NO_ANALYTICS ?= 1
+export PYTHONUNBUFFERED ?= 1
+
+.PHONY: run test lint format clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-base: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed-base
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+## run: set up .venv and run the default DVC pipeline (download -> tokenize -> train -> evaluate -> sample)
+run: $(VENV)/.installed-base
+	$(BIN)/dvc repro
+	@echo
+	@$(BIN)/dvc metrics show
+	@echo
+	@head -n 20 samples/samples.md
+
+## test: set up .venv (with dev extras) and run lint, format check and the test suite
+test: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python .ci/check_dvc_lock.py
+	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
+
+lint:
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format:
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,40 @@
+"""DVC stage: data/tokens -> checkpoints/best (HF layout), metrics/train.json, plots/train.csv.
+
+Runs as `python -m stages.train`, or `torchrun --nproc_per_node=N -m stages.train` for DDP.
+"""
+
+from pathlib import Path
+
+from gemma3.errors import run_main
+from gemma3.params import load_params
+from gemma3.train import TrainPaths, train
+
+PATHS = TrainPaths(
+    data_dir=Path("data/tokens"),
+    best_dir=Path("checkpoints/best"),
+    state_dir=Path("checkpoints/state"),
+    metrics=Path("metrics/train.json"),
+    plots=Path("plots/train.csv"),
+)
+
+
+def main() -> None:
+    p = load_params()
+
+    def tracker(run_id, runtime, cfg):
+        from gemma3.tracking import start_run
+
+        return start_run(
+            enabled=p.tracking.enabled,
+            experiment=p.tracking.experiment,
+            run_id=run_id,
+            tags={"preset": cfg.name, "device": str(runtime.device), "stage": "train"},
+        )
+
+    metrics = train(p, PATHS, tracker_factory=tracker if p.tracking.enabled else None)
+    if metrics:
+        print(f"train: best val loss {metrics['best_val_loss']} at step {metrics['best_step']}")
+
+
+if __name__ == "__main__":
+    run_main(main, prog="train")
