@@ -7,8 +7,11 @@ them through `run_main`, so user errors print one line instead of a traceback.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
 
 from gemma3.errors import run_main
 
@@ -47,15 +50,185 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device_dtype(args: argparse.Namespace) -> tuple[object, object]:
+    import torch
+
+    from gemma3.errors import Gemma3Error
+    from gemma3.hf import DTYPES
+    from gemma3.train import resolve_device
+
+    device = resolve_device(args.device)
+    if args.dtype not in DTYPES:
+        raise Gemma3Error(f"--dtype: {args.dtype!r}; use one of {', '.join(DTYPES)}")
+    dtype = DTYPES[args.dtype]
+    if dtype == torch.float16 and device.type == "cpu":
+        raise Gemma3Error("--dtype fp16 is not supported on CPU; use fp32 or bf16")
+    return device, dtype
+
+
+class _Streamer:
+    """Print decoded text as tokens arrive, holding back an incomplete UTF-8 character."""
+
+    def __init__(self, decode: object, out: object) -> None:
+        self.decode, self.out = decode, out
+        self.tokens: list[int] = []
+        self.printed = 0
+
+    def __call__(self, step: list[int | None]) -> None:
+        from gemma3.tokenizer import EOT_ID
+
+        t = step[0]
+        if t is None or t == EOT_ID:
+            return
+        self.tokens.append(t)
+        text = self.decode(self.tokens)
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[self.printed :])
+        self.out.flush()
+        self.printed = len(text)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    from gemma3.errors import Gemma3Error
+    from gemma3.generate import check_sampling, generate
+    from gemma3.hf import load_checkpoint
+    from gemma3.tokenizer import EOT_ID, decode, encode
+
+    prompt = args.prompt
+    if prompt is None:
+        if sys.stdin.isatty():
+            print("reading the prompt from stdin (Ctrl-D to end)...", file=sys.stderr)
+        prompt = sys.stdin.read().rstrip("\n")
+    check_sampling(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+    )
+    if args.num_samples < 1:
+        raise Gemma3Error(f"--num-samples must be >= 1, got {args.num_samples}")
+    device, dtype = _device_dtype(args)
+    model = load_checkpoint(args.model, device=device, dtype=dtype)
+    ids = encode(prompt)
+    ctx = model.config.context_length
+    if len(ids) >= ctx:
+        raise Gemma3Error(
+            f"prompt has {len(ids)} tokens; the model's context_length is {ctx} (shorten the prompt)"
+        )
+    total_new, total_s = 0, 0.0
+    for i in range(args.num_samples):
+        if i:
+            print("\n" + "-" * 40)
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+        streamer = _Streamer(decode, sys.stdout)
+        t0 = time.perf_counter()
+        new = generate(
+            model,
+            [ids],
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k or None,
+            top_p=args.top_p,
+            seed=None if args.seed is None else args.seed + i,
+            stop_token=None if args.no_stop else EOT_ID,
+            on_step=streamer,
+        )[0]
+        total_s += time.perf_counter() - t0
+        total_new += len(new)
+        rest = decode([t for t in new if t != EOT_ID])[streamer.printed :]
+        sys.stdout.write(rest + "\n")
+        sys.stdout.flush()
+    rate = total_new / total_s if total_s > 0 else 0.0
+    print(
+        f"[{total_new} tokens in {total_s:.2f} s, {rate:.1f} tokens/s on {device}]", file=sys.stderr
+    )
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from gemma3.errors import Gemma3Error
+    from gemma3.hf import DTYPES, load_checkpoint, read_meta, save_checkpoint
+
+    if args.dtype not in DTYPES:
+        raise Gemma3Error(f"--dtype: {args.dtype!r}; use one of {', '.join(DTYPES)}")
+    src, dst = Path(args.model).resolve(), Path(args.out).resolve()
+    if src == dst:
+        raise Gemma3Error("--out must differ from --model")
+    model = load_checkpoint(src)
+    meta = {k: v for k, v in read_meta(src).items() if k not in ("preset", "config")}
+    save_checkpoint(model, dst, dtype=DTYPES[args.dtype], meta=meta)
+    print(f"exported {src} -> {dst} ({args.dtype}); load with transformers:")
+    print(f"  AutoModelForCausalLM.from_pretrained({str(dst)!r})")
+    return 0
+
+
+def cmd_recipe(args: argparse.Namespace) -> int:
+    from gemma3.recipes import available, command, dvc_set_args, load_recipe
+
+    if args.name is None:
+        print("\n".join(available()))
+        return 0
+    if args.command_line:
+        print(command(args.name))
+    else:
+        print(shlex.join(dvc_set_args(load_recipe(args.name))))
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (plus where to look), not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gemma3.config import PRESETS
 
-    p = argparse.ArgumentParser(prog="gemma3", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="gemma3", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     info = sub.add_parser("info", help="print a preset's parameter breakdown")
     info.add_argument("--preset", default="gemma3-270m", help=f"one of: {', '.join(PRESETS)}")
     info.set_defaults(func=cmd_info)
+
+    gen = sub.add_parser(
+        "generate",
+        help="stream a story from a checkpoint directory",
+        description="Stream a continuation of PROMPT (or of stdin) from a checkpoint directory.",
+    )
+    gen.add_argument("prompt", nargs="?", help="the story's beginning; read from stdin if omitted")
+    gen.add_argument("--model", default="checkpoints/best", help="checkpoint directory")
+    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=200, help="0 = off")
+    gen.add_argument("--top-p", type=float, default=0.95, help="1 = off")
+    gen.add_argument("--seed", type=int, default=None, help="fix for repeatable samples")
+    gen.add_argument("--num-samples", type=int, default=1)
+    gen.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
+    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    gen.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (GPU)")
+    gen.set_defaults(func=cmd_generate)
+
+    exp = sub.add_parser(
+        "export-hf", help="write a checkpoint as a transformers-loadable directory"
+    )
+    exp.add_argument("--model", default="checkpoints/best", help="checkpoint directory")
+    exp.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    exp.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
+    exp.set_defaults(func=cmd_export_hf)
+
+    rec = sub.add_parser("recipe", help="print a named recipe as dvc exp run -S arguments")
+    rec.add_argument("name", nargs="?", help="recipe name; omit to list them")
+    rec.add_argument(
+        "--command", dest="command_line", action="store_true", help="print the whole command"
+    )
+    rec.set_defaults(func=cmd_recipe)
 
     return p
 

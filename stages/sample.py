@@ -3,9 +3,8 @@
 import json
 from pathlib import Path
 
-from gemma3.generate import generate
-
 from gemma3.errors import run_main
+from gemma3.generate import generate
 from gemma3.hf import load_checkpoint, read_meta
 from gemma3.io import atomic_write_json, atomic_write_text
 from gemma3.params import load_params
