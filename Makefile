@@ -10,6 +10,8 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
+# DVC runs stage commands (`python -m stages.X`) through the shell: this venv's python must win.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 export DVC_NO_ANALYTICS ?= 1
 export PYTHONUNBUFFERED ?= 1
 
@@ -41,7 +43,7 @@ test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python .ci/check_dvc_lock.py
-	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS); rc=$$?; \
+	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
 lint:

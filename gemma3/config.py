@@ -68,7 +68,11 @@ class Config:
             raise ConfigError(
                 "preset", f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}"
             )
-        return cls.from_dict({**PRESETS[name], "name": name, **overrides})
+        base = dict(PRESETS[name])
+        if "n_layers" in overrides and "layer_types" not in overrides:
+            # The preset's pattern fits its own depth; let from_dict rebuild it for the new one.
+            del base["layer_types"]
+        return cls.from_dict({**base, "name": name, **overrides})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
