@@ -57,7 +57,7 @@ def _device_dtype(args: argparse.Namespace) -> tuple[object, object]:
     from gemma3.hf import DTYPES
     from gemma3.train import resolve_device
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, source="--device")
     if args.dtype not in DTYPES:
         raise Gemma3Error(f"--dtype: {args.dtype!r}; use one of {', '.join(DTYPES)}")
     dtype = DTYPES[args.dtype]

@@ -8,6 +8,7 @@ kept as the reference the cache is tested against.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -23,7 +24,7 @@ def check_sampling(
     """One-line errors for sampling settings that would crash or silently misbehave."""
     if max_new_tokens < 0:
         raise Gemma3Error(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
+    if not (temperature >= 0 and math.isfinite(temperature)):
         raise Gemma3Error(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 0:
         raise Gemma3Error(f"top_k must be >= 0 (0 = off), got {top_k}")

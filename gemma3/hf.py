@@ -141,7 +141,7 @@ def load_hf_state_dict(
         n = len(missing) + len(unexpected)
         raise Gemma3Error(f"{source}: weights do not match the config ({what}, {n} key(s) differ)")
     with torch.no_grad():
-        for key in expected:
+        for key in sorted(expected):  # sorted: the same key is named on every run
             t, target = sd[key], own[key]
             if (
                 key in ("model.embed_tokens.weight", "lm_head.weight")
@@ -189,6 +189,19 @@ def from_transformers(hf_model: Any, vocab_pad_multiple: int = 1) -> Gemma3ForCa
     return model
 
 
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
+    """`save_file`, but a write failure (a full disk) is an OSError like any other file write.
+
+    safetensors reports I/O errors as SafetensorError, which would otherwise print a traceback.
+    """
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        raise OSError(f"{path}: cannot write ({e}); check the free disk space") from None
+
+
 def save_checkpoint(
     model: Gemma3ForCausalLM,
     directory: str | os.PathLike[str],
@@ -202,9 +215,7 @@ def save_checkpoint(
     sd = to_hf_state_dict(model, dtype)
     store_dtype = dtype or next(iter(sd.values())).dtype
     with atomic_dir(directory) as tmp:
-        save_file(
-            {k: v.cpu() for k, v in sd.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"}
-        )
+        write_safetensors({k: v.cpu() for k, v in sd.items()}, tmp / WEIGHTS, {"format": "pt"})
         atomic_write_json(tmp / HF_CONFIG, to_hf_config(cfg, store_dtype))
         atomic_write_json(
             tmp / "generation_config.json",
@@ -236,10 +247,17 @@ def load_config(directory: str | os.PathLike[str], vocab_pad_multiple: int = 1) 
         raise Gemma3Error(f"{path}: missing; not a checkpoint directory")
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise Gemma3Error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise Gemma3Error(f"{path}: must be a JSON object of config fields")
     name = read_meta(directory).get("preset", "custom")
-    return from_hf_config(d, name=name, vocab_pad_multiple=vocab_pad_multiple)
+    try:
+        return from_hf_config(d, name=name, vocab_pad_multiple=vocab_pad_multiple)
+    except Gemma3Error as e:  # name the file: "config.json: model.head_dim: must be even"
+        raise Gemma3Error(f"{path}: {str(e).removeprefix(HF_CONFIG + ': ')}") from None
+    except (TypeError, ValueError) as e:
+        raise Gemma3Error(f"{path}: invalid value ({e})") from None
 
 
 def load_checkpoint(

@@ -31,12 +31,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from gemma3.config import Config
-from gemma3.data.tokens import fixed_batches, load_tokens, sample_batch
+from gemma3.data.tokens import fixed_batches, load_tokens, read_tokens_meta, sample_batch
 from gemma3.errors import Gemma3Error
-from gemma3.hf import save_checkpoint
+from gemma3.hf import save_checkpoint, write_safetensors
 from gemma3.io import atomic_dir, atomic_write_json, atomic_write_text
 from gemma3.model import Gemma3ForCausalLM
 from gemma3.params import Params
@@ -108,18 +108,26 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-def resolve_device(requested: str) -> torch.device:
+def resolve_device(requested: str, source: str = "params.yaml: train.device") -> torch.device:
+    """The torch device for "auto", "cpu", "cuda", "cuda:N" or "mps"; `source` names the setting."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if requested == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        if mps:
             return torch.device("mps")
         return torch.device("cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
         raise Gemma3Error(
-            f"params.yaml: train.device: {requested!r} but no CUDA GPU is visible; use auto or cpu"
-        )
-    return torch.device(requested)
+            f"{source}: unknown device {requested!r}; use auto, cpu, cuda, cuda:N or mps"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Gemma3Error(f"{source}: {requested!r} but no CUDA GPU is visible; use auto or cpu")
+    if device.type == "mps" and not mps:
+        raise Gemma3Error(f"{source}: {requested!r} but MPS is not available; use auto or cpu")
+    return device
 
 
 @dataclass(frozen=True)
@@ -224,7 +232,7 @@ def save_state(
         for g in osd["param_groups"]
     ]
     with atomic_dir(directory) as tmp:
-        save_file(tensors, str(tmp / STATE_TENSORS))
+        write_safetensors(tensors, tmp / STATE_TENSORS)
         atomic_write_json(tmp / STATE_JSON, {**info, "param_groups": groups})
 
 
@@ -373,12 +381,7 @@ def _train(
         )
 
     # ---- data ----
-    meta_path = paths.data_dir / "meta.json"
-    if not meta_path.is_file():
-        raise Gemma3Error(
-            f"{meta_path}: not found; run the tokenize stage first (dvc repro tokenize)"
-        )
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta = read_tokens_meta(paths.data_dir)
     cfg = p.model_config(vocab_pad_multiple=rt.vocab_pad_multiple)
     block, bs = t.block_size, t.batch_size
     train_data = load_tokens(
@@ -508,7 +511,8 @@ def _train(
         )
     last_train_loss = None
     window_t0, window_tokens = time.perf_counter(), 0
-    with stop.installed():
+    # The bar is closed however the loop ends, so an error message starts on a line of its own.
+    with stop.installed(), bar if bar is not None else contextlib.nullcontext():
         for step in range(start_step, t.max_steps):
             lr = lr_at(
                 step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps

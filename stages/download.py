@@ -2,6 +2,7 @@
 
 from gemma3.data.prepare import prepare_raw
 from gemma3.errors import run_main
+from gemma3.io import atomic_dir
 from gemma3.params import load_params
 
 RAW_DIR = "data/raw"
@@ -9,7 +10,9 @@ RAW_DIR = "data/raw"
 
 def main() -> None:
     p = load_params()
-    info = prepare_raw(p.data, p.seed, RAW_DIR)
+    # Both splits and source.json replace the old ones together, or not at all.
+    with atomic_dir(RAW_DIR) as tmp:
+        info = prepare_raw(p.data, p.seed, tmp)
     counts = ", ".join(
         f"{s}: {info[s]['stories']:,} stories" for s in ("train", "validation") if s in info
     )

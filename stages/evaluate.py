@@ -1,11 +1,10 @@
 """DVC stage: loss, perplexity and bits per byte of checkpoints/best over the WHOLE validation split."""
 
-import json
 from pathlib import Path
 
 import torch
 
-from gemma3.data.tokens import load_tokens
+from gemma3.data.tokens import load_tokens, read_tokens_meta
 from gemma3.errors import run_main
 from gemma3.evaluate import bits_per_byte, evaluate_tokens
 from gemma3.hf import load_checkpoint, read_meta
@@ -23,7 +22,7 @@ def main() -> None:
     ckpt = read_meta(CKPT)
     block = p.eval.block_size or p.train.block_size
     data = load_tokens(TOKENS / "validation.bin", vocab_size=model.config.vocab_size, min_tokens=2)
-    meta = json.loads((TOKENS / "meta.json").read_text(encoding="utf-8"))
+    meta = read_tokens_meta(TOKENS)
     autocast = torch.bfloat16 if device.type == "cuda" else None
     res = evaluate_tokens(
         model,
@@ -33,11 +32,12 @@ def main() -> None:
         device=device,
         autocast_dtype=autocast,
     )
-    bpb = bits_per_byte(res["loss"], res["tokens"], meta["validation"]["bytes"])
+    n_bytes = (meta.get("validation") or {}).get("bytes")  # absent in hand-made token dirs
+    bpb = bits_per_byte(res["loss"], res["tokens"], n_bytes) if n_bytes else None
     metrics = {
         "loss": round(res["loss"], 5),
         "perplexity": round(res["perplexity"], 4),
-        "bits_per_byte": round(bpb, 5),
+        "bits_per_byte": None if bpb is None else round(bpb, 5),
         "tokens": res["tokens"],
         "block_size": block,
         "checkpoint_step": ckpt.get("step"),

@@ -2,19 +2,22 @@
 
 from gemma3.data.tokens import tokenize_raw
 from gemma3.errors import run_main
+from gemma3.io import atomic_dir
 from gemma3.params import load_params
 
 
 def main() -> None:
     p = load_params()
     t = p.tokenize
-    meta = tokenize_raw(
-        "data/raw",
-        "data/tokens",
-        eot=t.eot,
-        num_threads=t.num_threads,
-        batch_stories=t.batch_stories,
-    )
+    # Both splits and meta.json replace the old ones together, or not at all.
+    with atomic_dir("data/tokens") as tmp:
+        meta = tokenize_raw(
+            "data/raw",
+            tmp,
+            eot=t.eot,
+            num_threads=t.num_threads,
+            batch_stories=t.batch_stories,
+        )
     print(
         f"tokenize: train {meta['train']['tokens']:,} tokens, "
         f"validation {meta['validation']['tokens']:,} tokens -> data/tokens"

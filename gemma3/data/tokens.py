@@ -115,6 +115,22 @@ def tokenize_raw(
     return meta
 
 
+def read_tokens_meta(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """`<data_dir>/meta.json` as written by `tokenize_raw`; missing or unreadable is one line."""
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise Gemma3Error(f"{path}: not found; run the tokenize stage first (dvc repro tokenize)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Gemma3Error(
+            f"{path}: not valid JSON ({e}); re-run the tokenize stage (dvc repro tokenize)"
+        ) from None
+    if not isinstance(meta, dict):
+        raise Gemma3Error(f"{path}: not a tokenize meta file; re-run the tokenize stage")
+    return meta
+
+
 def load_tokens(path: str | os.PathLike[str], *, vocab_size: int, min_tokens: int) -> np.ndarray:
     """Open a token file read-only, checking what would otherwise fail deep inside training."""
     path = Path(path)
