@@ -7,7 +7,6 @@ them through `run_main`, so user errors print one line instead of a traceback.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -167,6 +166,7 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_recipe(args: argparse.Namespace) -> int:
+    from gemma3.errors import Gemma3Error
     from gemma3.recipes import available, command, dvc_set_args, load_recipe
 
     if args.name is None:
@@ -175,7 +175,16 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     if args.command_line:
         print(command(args.name))
     else:
-        print(shlex.join(dvc_set_args(load_recipe(args.name))))
+        # Plain words, so that `dvc exp run $(gemma3 recipe NAME)` works: the shell does not
+        # remove quotes from a command substitution, so quoting here would reach dvc verbatim.
+        words = dvc_set_args(load_recipe(args.name))
+        bad = [w for w in words if any(c.isspace() or c in "'\"*?[" for c in w)]
+        if bad:
+            raise Gemma3Error(
+                f"recipe {args.name!r} has values that need quoting ({bad[0]}); use "
+                f'eval "$(gemma3 recipe {args.name} --command)"'
+            )
+        print(" ".join(words))
     return 0
 
 

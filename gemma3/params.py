@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -267,6 +268,28 @@ def _check_values(p: Params, file: str) -> None:
             raise err(key, f"({block}) exceeds the model's context_length ({cfg.context_length})")
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """SafeLoader that also reads YAML 1.2 floats such as `1e-09`.
+
+    `dvc exp run -S train.eps=1e-9` writes `eps: 1e-09`, which PyYAML's YAML 1.1 rules would
+    read as the string '1e-09'.
+    """
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
 def load_params(
     path: str | Path = "params.yaml", sections: tuple[str, ...] = REQUIRED_SECTIONS
 ) -> Params:
@@ -275,7 +298,7 @@ def load_params(
     if not path.is_file():
         raise Gemma3Error(f"{path}: not found; run from the repository root (where dvc.yaml is)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=ParamsLoader)  # noqa: S506
     except yaml.YAMLError as e:
         raise Gemma3Error(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(raw, dict):

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 from gemma3.errors import Gemma3Error
-from gemma3.params import load_params
+from gemma3.params import ParamsLoader, load_params
 from gemma3.recipes import apply, dvc_set_args, load_recipe
 from gemma3.train import (
     TrainPaths,
@@ -261,10 +262,16 @@ def test_ddp_two_processes_match_single_process_accumulation(tmp_path: Path) -> 
 
 
 def test_seed_recipe_expands_to_the_seed_values(tmp_path: Path) -> None:
+    from dvc.utils.hydra import apply_overrides
+
     recipe = load_recipe("seed-270m")
-    params = apply(yaml.safe_load((REPO / "params.yaml").read_text()), recipe)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    # Apply the -S arguments exactly as `dvc exp run` does, to a copy of our params.yaml.
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    apply_overrides(str(tmp_path / "params.yaml"), dvc_set_args(recipe)[1::2])
     p = load_params(tmp_path / "params.yaml")
+    ours = apply(yaml.safe_load((REPO / "params.yaml").read_text()), recipe)
+    written = yaml.load((tmp_path / "params.yaml").read_text(), Loader=ParamsLoader)  # noqa: S506
+    assert written == ours
     t = p.train
     # REFERENCE.md section 1, converted from the seed's micro-batch "iterations".
     assert p.model.preset == "gemma3-270m" and p.model.overrides == {}
@@ -284,3 +291,23 @@ def test_seed_recipe_expands_to_the_seed_values(tmp_path: Path) -> None:
     args = dvc_set_args(recipe)
     assert args[0::2] == ["-S"] * len(recipe)
     assert "train.lr=0.0001" in args and "model.preset=gemma3-270m" in args
+
+
+def test_recipe_cli_prints_words_a_shell_substitution_passes_verbatim() -> None:
+    import shlex
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "gemma3.cli", "recipe", "seed-270m"],
+        capture_output=True, text=True, check=True, cwd=REPO,
+    ).stdout  # fmt: skip
+    # `$(gemma3 recipe ...)` splits on whitespace only; no quote may reach dvc.
+    assert out.split() == dvc_set_args(load_recipe("seed-270m"))
+    cmd = subprocess.run(
+        [sys.executable, "-m", "gemma3.cli", "recipe", "seed-270m", "--command"],
+        capture_output=True, text=True, check=True, cwd=REPO,
+    ).stdout  # fmt: skip
+    assert shlex.split(cmd)[5:] == out.split() and shlex.split(cmd)[:5] == [
+        "dvc", "exp", "run", "-n", "seed-270m",
+    ]  # fmt: skip
