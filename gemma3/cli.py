@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from gemma3.errors import run_main
+
+if TYPE_CHECKING:
+    import torch
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -49,50 +52,58 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device_dtype(args: argparse.Namespace) -> tuple[object, object]:
+def _dtype(name: str) -> torch.dtype:
+    from gemma3.errors import Gemma3Error
+    from gemma3.hf import DTYPES
+
+    if name not in DTYPES:
+        raise Gemma3Error(f"--dtype: {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     import torch
 
     from gemma3.errors import Gemma3Error
-    from gemma3.hf import DTYPES
     from gemma3.train import resolve_device
 
     device = resolve_device(args.device, source="--device")
-    if args.dtype not in DTYPES:
-        raise Gemma3Error(f"--dtype: {args.dtype!r}; use one of {', '.join(DTYPES)}")
-    dtype = DTYPES[args.dtype]
+    dtype = _dtype(args.dtype)
     if dtype == torch.float16 and device.type == "cpu":
         raise Gemma3Error("--dtype fp16 is not supported on CPU; use fp32 or bf16")
     return device, dtype
 
 
 class _Streamer:
-    """Print decoded text as tokens arrive, holding back an incomplete UTF-8 character."""
+    """Write text as tokens arrive; tokens that end inside a UTF-8 character wait for the rest."""
 
-    def __init__(self, decode: object, out: object) -> None:
-        self.decode, self.out = decode, out
-        self.tokens: list[int] = []
-        self.printed = 0
+    def __init__(self, decode: Callable[[list[int]], str], out: TextIO, skip: int) -> None:
+        self.decode, self.out, self.skip = decode, out, skip
+        self.pending: list[int] = []
 
     def __call__(self, step: list[int | None]) -> None:
-        from gemma3.tokenizer import EOT_ID
-
         t = step[0]
-        if t is None or t == EOT_ID:
+        if t is None or t == self.skip:
             return
-        self.tokens.append(t)
-        text = self.decode(self.tokens)
-        if text.endswith("\ufffd"):
-            return
-        self.out.write(text[self.printed :])
+        self.pending.append(t)
+        text = self.decode(self.pending)
+        if not text.endswith("\ufffd"):
+            self._write(text)
+
+    def finish(self) -> None:
+        self._write(self.decode(self.pending) + "\n")
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
         self.out.flush()
-        self.printed = len(text)
+        self.pending = []
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import time
 
     from gemma3.errors import Gemma3Error
-    from gemma3.generate import check_sampling, generate
+    from gemma3.generate import check_prompts, check_sampling, generate
     from gemma3.hf import load_checkpoint
     from gemma3.tokenizer import EOT_ID, decode, encode
 
@@ -111,19 +122,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise Gemma3Error(f"--num-samples must be >= 1, got {args.num_samples}")
     device, dtype = _device_dtype(args)
     model = load_checkpoint(args.model, device=device, dtype=dtype)
-    ids = encode(prompt)
-    ctx = model.config.context_length
-    if len(ids) >= ctx:
-        raise Gemma3Error(
-            f"prompt has {len(ids)} tokens; the model's context_length is {ctx} (shorten the prompt)"
-        )
+    ids = check_prompts([encode(prompt)], model.config)[0]  # before anything is printed
     total_new, total_s = 0, 0.0
     for i in range(args.num_samples):
         if i:
             print("\n" + "-" * 40)
         sys.stdout.write(prompt)
         sys.stdout.flush()
-        streamer = _Streamer(decode, sys.stdout)
+        streamer = _Streamer(decode, sys.stdout, skip=EOT_ID)
         t0 = time.perf_counter()
         new = generate(
             model,
@@ -138,9 +144,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )[0]
         total_s += time.perf_counter() - t0
         total_new += len(new)
-        rest = decode([t for t in new if t != EOT_ID])[streamer.printed :]
-        sys.stdout.write(rest + "\n")
-        sys.stdout.flush()
+        streamer.finish()
     rate = total_new / total_s if total_s > 0 else 0.0
     print(
         f"[{total_new} tokens in {total_s:.2f} s, {rate:.1f} tokens/s on {device}]", file=sys.stderr
@@ -150,16 +154,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
     from gemma3.errors import Gemma3Error
-    from gemma3.hf import DTYPES, load_checkpoint, read_meta, save_checkpoint
+    from gemma3.hf import load_checkpoint, read_meta, save_checkpoint
 
-    if args.dtype not in DTYPES:
-        raise Gemma3Error(f"--dtype: {args.dtype!r}; use one of {', '.join(DTYPES)}")
+    dtype = _dtype(args.dtype)
     src, dst = Path(args.model).resolve(), Path(args.out).resolve()
     if src == dst:
         raise Gemma3Error("--out must differ from --model")
     model = load_checkpoint(src)
     meta = {k: v for k, v in read_meta(src).items() if k not in ("preset", "config")}
-    save_checkpoint(model, dst, dtype=DTYPES[args.dtype], meta=meta)
+    save_checkpoint(model, dst, dtype=dtype, meta=meta)
     print(f"exported {src} -> {dst} ({args.dtype}); load with transformers:")
     print(f"  AutoModelForCausalLM.from_pretrained({str(dst)!r})")
     return 0

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from gemma3.config import Config
 from gemma3.errors import Gemma3Error
 from gemma3.model import Gemma3ForCausalLM
 from gemma3.tokenizer import EOT_ID
@@ -30,6 +31,24 @@ def check_sampling(
         raise Gemma3Error(f"top_k must be >= 0 (0 = off), got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise Gemma3Error(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], cfg: Config) -> list[list[int]]:
+    """Prompts as lists, an empty one replaced by `<|endoftext|>` (a new story); one-line errors
+    for a prompt that does not fit the context or holds ids outside the vocabulary."""
+    out = [list(p) if len(p) else [EOT_ID] for p in prompts]
+    longest = max((len(p) for p in out), default=0)
+    if longest >= cfg.context_length:
+        raise Gemma3Error(
+            f"prompt has {longest} tokens; the model's context_length is {cfg.context_length} "
+            "(shorten the prompt)"
+        )
+    bad = [t for p in out for t in p if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise Gemma3Error(
+            f"prompt token id {bad[0]} is outside the vocabulary (0..{cfg.vocab_size - 1})"
+        )
+    return out
 
 
 def sample_next(
@@ -94,18 +113,7 @@ def generate(
     if not prompts:
         return []
     cfg = model.config
-    prompts = [list(p) if len(p) else [EOT_ID] for p in prompts]
-    longest = max(len(p) for p in prompts)
-    if longest >= cfg.context_length:
-        raise Gemma3Error(
-            f"prompt has {longest} tokens; the model's context_length is {cfg.context_length} "
-            "(shorten the prompt)"
-        )
-    bad = [t for p in prompts for t in p if not 0 <= t < cfg.vocab_size]
-    if bad:
-        raise Gemma3Error(
-            f"prompt token id {bad[0]} is outside the vocabulary (0..{cfg.vocab_size - 1})"
-        )
+    prompts = check_prompts(prompts, cfg)
 
     device = next(model.parameters()).device
     was_training = model.training

@@ -72,15 +72,17 @@ def _warn(message: str) -> None:
 class Tracker:
     """A handle on one MLflow run. Every method is a no-op once disabled or after a failure."""
 
-    def __init__(self, client: Any = None, run_id: str | None = None, uri: str = "") -> None:
+    def __init__(
+        self, client: Any = None, run_id: str | None = None, uri: str = "", owns_run: bool = True
+    ) -> None:
+        """`owns_run`: this process ends the run (status) when done; a stage that only adds to a
+        finished run does not."""
         self._client = client
         self.run_id = run_id
         self.uri = uri
-        self._finished = client is None
-
-    @property
-    def active(self) -> bool:
-        return self._client is not None
+        self._finished = client is None or not owns_run
+        if not self._finished:
+            atexit.register(self.finish, "KILLED")  # a crash must not leave the run RUNNING
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         if self._client is None:
@@ -185,7 +187,6 @@ def start_run(
         return Tracker()
     root = Path(root).resolve() if root else project_root()
     uri = tracking_uri(root)
-    tracker = Tracker(uri=uri)
     try:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         from mlflow.tracking import MlflowClient
@@ -195,14 +196,12 @@ def start_run(
             try:
                 run = client.get_run(run_id)
                 if run.info.lifecycle_stage != "deleted":
-                    tracker = Tracker(client, run_id, uri)
                     # A resumed training run is running again; evaluate/sample only add to it.
                     resumed = bool(tags) and tags.get("stage") == "train"
                     if resumed and run.info.status != "RUNNING":
                         client.update_run(run_id, status="RUNNING")
-                    tracker._finished = not resumed
+                    tracker = Tracker(client, run_id, uri, owns_run=resumed)
                     tracker.set_tags(dict(tags or {}))
-                    atexit.register(tracker.finish, "KILLED")
                     return tracker
             except Exception:  # noqa: BLE001 - unknown run id in this store: start a new run
                 pass
@@ -227,6 +226,4 @@ def start_run(
             "continuing without tracking, curves are still in metrics/ and plots/"
         )
         return Tracker(uri=uri)
-    tracker = Tracker(client, run.info.run_id, uri)
-    atexit.register(tracker.finish, "KILLED")
-    return tracker
+    return Tracker(client, run.info.run_id, uri)

@@ -249,7 +249,7 @@ def download_file(url: str, dest: Path, *, expected: list[str], progress: bool =
     from tqdm import tqdm
 
     expected = [e for e in expected if e]
-    if dest.is_file() and (not expected or all(_sha256(dest) == e for e in expected)):
+    if dest.is_file() and (not expected or {_sha256(dest)} == set(expected)):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
