@@ -93,21 +93,30 @@ def train_rate(
     compile_model: bool,
     warmup: int,
     steps: int,
+    accum: int = 1,
+    mode: str | None = None,
 ) -> dict[str, Any]:
-    """Median-free simple timing: warm-up steps (compilation included), then `steps` timed steps."""
+    """Warm-up steps (compilation included), then `steps` optimizer steps timed with CUDA events.
+
+    One step = `accum` micro-batches (forward + backward), clipping, fused AdamW, zero_grad;
+    `tokens_per_step` counts all of its micro-batches.
+    """
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), fused=True)
-    run = torch.compile(model) if compile_model else model
+    run = torch.compile(model, mode=mode) if compile_model else model
     torch.cuda.reset_peak_memory_stats()
 
     def step() -> torch.Tensor:
-        x, y = get()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_fn(run, x, y)
-        loss.backward()
+        for _ in range(accum):
+            if mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()
+            x, y = get()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = loss_fn(run, x, y)
+            (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss.detach().clone()  # CUDA-graph outputs are overwritten by the next replay
 
     t = time.perf_counter()
     for _ in range(warmup):
@@ -221,6 +230,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=30, help="timed steps per row")
     ap.add_argument("--budget", type=float, default=420, help="seconds; later sections skip")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
+    ap.add_argument("--cudagraphs", action="store_true", help="add a reduce-overhead row")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device visible", file=sys.stderr)
@@ -291,6 +301,35 @@ def main() -> int:
                 compile_model=True,
                 warmup=3,
                 steps=max(10, args.steps // 2),
+            )
+    with section(f"compiled bs{big} x accum 4", args.budget) as ok:
+        if ok:
+            train_rate(
+                f"ours compiled, bf16 autocast, mb {big} x grad accum 4",
+                model,
+                ours_loss,
+                get_for(big),
+                4 * big * B,
+                fpt,
+                compile_model=True,
+                warmup=1,
+                steps=max(4, args.steps // 6),
+                accum=4,
+            )
+    with section("cuda graphs bs32", args.budget) as ok:
+        if ok and args.cudagraphs:
+            torch._dynamo.reset()
+            train_rate(
+                "ours compiled reduce-overhead (CUDA graphs), bf16 autocast, mb 32",
+                model,
+                ours_loss,
+                get_for(32),
+                32 * B,
+                fpt,
+                compile_model=True,
+                warmup=3,
+                steps=args.steps,
+                mode="reduce-overhead",
             )
     with section("decode", args.budget) as ok:
         if ok:
