@@ -127,7 +127,7 @@ def test_token_goes_to_the_hub_not_to_the_cdn(standin, tmp_path, monkeypatch) ->
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     download(tmp_path, hub, url)
-    for method, path, headers in hub.requests:
+    for _method, path, headers in hub.requests:
         auth = headers.get("authorization")
         assert auth == (None if path.startswith("/cdn/") else "Bearer hf_test_token"), path
 

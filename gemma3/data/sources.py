@@ -29,6 +29,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -211,9 +212,10 @@ def write_parquet_splits(
 # Local sources
 
 
-def read_stories(path: str | os.PathLike[str], cache_dir: str | os.PathLike[str]) -> list[str]:
+def read_stories(path: str | os.PathLike[str]) -> list[str]:
     """The stripped, non-empty stories of one local file (small files and tests)."""
-    return list(iter_stories(load_dataset_files([Path(path)], cache_dir), _new_counts()))
+    with tempfile.TemporaryDirectory(prefix="gemma3-datasets-") as cache:
+        return list(iter_stories(load_dataset_files([Path(path)], cache), _new_counts()))
 
 
 def _shard_set(paths: list[Path]) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gemma3.data.raw import SPLITS, split_path
+from gemma3.data.raw import SPLITS, split_path, write_error
 from gemma3.errors import Gemma3Error
 from gemma3.io import atomic_path, atomic_write_json
 from gemma3.tokenizer import EOT_ID, VOCAB_SIZE, get_encoding
@@ -92,19 +92,24 @@ def tokenize_split(
     out_path = Path(out_path)
     cache = out_path.parent / f".datasets-cache-{split}"
     cache.mkdir(parents=True, exist_ok=True)
-    (datasets.enable_progress_bars if progress else datasets.disable_progress_bars)()
     datasets.logging.set_verbosity_error()
     try:
+        datasets.disable_progress_bars()  # reading the raw file is quick; the encoding is not
         ds = load_raw_split(raw_dir, split, cache)
         if len(ds) == 0:
             raise Gemma3Error(
                 f"{split_path(raw_dir, split)}: no stories in the {split} split; check data.source"
             )
+        if progress:
+            datasets.enable_progress_bars()
+        # Worker processes cost about a second to start: not worth it for a split that fills
+        # fewer than two batches per process. The output is the same either way.
+        procs = num_proc if len(ds) >= 2 * num_proc * batch_stories else 1
         ids = ds.map(
             _encode_batch,
             batched=True,
             batch_size=batch_stories,
-            num_proc=min(num_proc, len(ds)) if num_proc > 1 else None,
+            num_proc=procs if procs > 1 else None,
             fn_kwargs={"eot": eot},
             remove_columns=["text"],
             features=datasets.Features(
@@ -113,16 +118,14 @@ def tokenize_split(
             desc=f"tokenize {split}",
         )
         n_tokens = 0
-        with atomic_path(out_path) as tmp, open(tmp, "wb") as f:
-            for batch in ids.with_format("arrow").iter(batch_size=max(batch_stories, 8192)):
-                flat = pc.list_flatten(batch.column("ids")).to_numpy(zero_copy_only=False)
-                try:
+        try:
+            with atomic_path(out_path) as tmp, open(tmp, "wb") as f:
+                for batch in ids.with_format("arrow").iter(batch_size=max(batch_stories, 8192)):
+                    flat = pc.list_flatten(batch.column("ids")).to_numpy(zero_copy_only=False)
                     f.write(np.ascontiguousarray(flat, dtype=np.uint16).tobytes())
-                except OSError as e:
-                    raise Gemma3Error(
-                        f"{out_path}: cannot write tokens ({e.strerror or e})"
-                    ) from None
-                n_tokens += len(flat)
+                    n_tokens += len(flat)
+        except OSError as e:  # disk full: name the file, keep the previous tokens
+            raise write_error(out_path, e) from None
         n_bytes = int(pc.sum(ids.data.column("n_bytes")).as_py() or 0)
         return {"tokens": n_tokens, "stories": len(ds), "bytes": n_bytes}
     finally:
