@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from gemma3.data.prepare import prepare_raw
+from gemma3.data.prepare import SOURCE_DIR, prepare_raw, tracked_by_dvc
 from gemma3.errors import run_main
 from gemma3.io import atomic_dir
 from gemma3.params import load_params
@@ -28,6 +28,11 @@ def main() -> None:
         if s in info
     )
     print(f"download: {p.data.source} -> {RAW_DIR} ({counts}){skipped(info.get('skipped', {}))}")
+    if info["source"] == "local" and not tracked_by_dvc(p.data.source):
+        print(
+            f"download: note: {p.data.source} is outside {SOURCE_DIR}/, so DVC does not see when "
+            f"it changes; move it into {SOURCE_DIR}/ (or run dvc repro -f download after editing)"
+        )
 
 
 if __name__ == "__main__":

@@ -554,3 +554,71 @@ def test_bits_per_byte() -> None:
     assert bits_per_byte(2.0, 3, 5) == pytest.approx(6.0 / (5 * math.log(2)))
     # 4.07 bytes per token at 1.0 nat/token: 1 / (4.07 ln 2) bits per byte.
     assert bits_per_byte(1.0, 1000, 4070) == pytest.approx(1.0 / (4.07 * math.log(2)))
+
+
+def test_tokenize_with_one_and_two_processes_gives_identical_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datasets
+
+    used: list[int | None] = []
+    real_map = datasets.Dataset.map
+
+    def spy(self, *args, **kwargs):
+        used.append(kwargs.get("num_proc"))
+        return real_map(self, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "map", spy)
+    raw = tmp_path / "raw"
+    write_split(raw, "train", [f"{s} ({i})" for i in range(40) for s in STORIES_TRAIN[:3]])
+    write_split(raw, "validation", STORIES_VAL * 4)
+    one = tokenize_raw(raw, tmp_path / "one", num_proc=1, batch_stories=2, progress=False)
+    two = tokenize_raw(raw, tmp_path / "two", num_proc=2, batch_stories=2, progress=False)
+    assert used == [None, None, 2, 2]  # the second run really used two worker processes
+    assert one == two
+    for split in ("train.bin", "validation.bin"):
+        assert (tmp_path / "one" / split).read_bytes() == (tmp_path / "two" / split).read_bytes()
+    stories = [json.loads(x)["text"] for x in (raw / "train.jsonl").read_text().splitlines()]
+    assert np.fromfile(tmp_path / "two" / "train.bin", np.uint16).tolist() == expected_ids(
+        stories, eot=True
+    )
+    # The datasets cache lived in the output folder and is gone.
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "meta.json", "train.bin", "validation.bin"
+    ]  # fmt: skip
+
+
+def test_full_disk_names_the_file(tmp_path: Path) -> None:
+    """A file-size limit makes every write past 64 KB fail (EFBIG), as a full disk would."""
+    code = f"""
+import resource, signal, sys
+from gemma3.data.raw import write_split
+from gemma3.data.tokens import tokenize_raw
+from gemma3.errors import Gemma3Error
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+write_split({str(tmp_path / "raw")!r}, "validation", ["A story."] * 10)
+write_split({str(tmp_path / "raw")!r}, "train", ["A story about a big red ball."] * 20000)
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+for step in ("write", "tokenize"):
+    try:
+        if step == "write":
+            write_split({str(tmp_path / "raw")!r}, "train", ["Another story."] * 20000)
+        else:
+            tokenize_raw({str(tmp_path / "raw")!r}, {str(tmp_path / "tok")!r}, num_proc=1,
+                         progress=False)
+    except Gemma3Error as e:
+        print(e)
+"""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    ).stdout.splitlines()
+    assert len(out) == 2, out
+    assert out[0].startswith(f"{tmp_path / 'raw' / 'train.jsonl'}: cannot write (File too large)")
+    # Tokenizing: the datasets cache in the output folder is the first write to fail.
+    assert out[1].startswith(f"{tmp_path / 'tok'}/") and ": cannot write (File too large)" in out[1]
+    # The previous train split is untouched (20,000 copies of the first story).
+    assert (tmp_path / "raw" / "train.jsonl").read_text().count("big red ball") == 20000
+    assert not [p for p in (tmp_path / "raw").iterdir() if p.name.endswith(".tmp")]

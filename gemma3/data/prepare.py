@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +39,6 @@ def prepare_raw(data: DataParams, seed: int, raw_dir: str | os.PathLike[str]) ->
     if Path(source).exists():
         from gemma3.data.sources import prepare_local
 
-        if not tracked_by_dvc(source):
-            print(
-                f"download: warning: {source} is outside {SOURCE_DIR}/, so DVC cannot see when it "
-                f"changes; move it into {SOURCE_DIR}/ (or run dvc repro -f download after editing)",
-                file=sys.stderr,
-            )
         return prepare_local(source, raw_dir, val_fraction=data.val_fraction, seed=seed)
     raise Gemma3Error(
         f"params.yaml: data.source: {source!r} is not 'synthetic', {HUB_SOURCE!r}, "

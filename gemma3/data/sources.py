@@ -94,6 +94,14 @@ def _read_jsonl(path: str) -> Iterator[dict[str, str | None]]:
             yield {"text": text}
 
 
+def quiet_datasets() -> None:
+    """No datasets progress bars or log lines: our errors and summaries say what happened."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+
+
 def _features() -> Any:
     from datasets import Features, Value
 
@@ -116,8 +124,7 @@ def load_dataset_files(paths: list[Path], cache_dir: str | os.PathLike[str]) -> 
     """One `datasets.Dataset` with a `text` column from files of one type, in the given order."""
     import datasets
 
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    quiet_datasets()
     suffix = {p.suffix.lower() for p in paths}
     if len(suffix) != 1:
         raise Gemma3Error(f"mixed file types in one split: {', '.join(p.name for p in paths)}")
@@ -130,30 +137,29 @@ def load_dataset_files(paths: list[Path], cache_dir: str | os.PathLike[str]) -> 
     if kind == ".parquet":
         for p in paths:
             _check_parquet(p)
-        try:
-            return datasets.Dataset.from_parquet(
-                [str(p) for p in paths], columns=["text"], features=_features(),
-                cache_dir=str(cache_dir),
-            )  # fmt: skip
-        except (ValueError, TypeError, OSError) as e:
-            raise Gemma3Error(f"{paths[0]}: cannot read the text column ({e})") from None
-    reader = _read_txt if kind == ".txt" else _read_jsonl
+        build = datasets.Dataset.from_parquet
+        args: dict[str, Any] = {"path_or_paths": [str(p) for p in paths], "columns": ["text"]}
+    else:
+        reader = _read_txt if kind == ".txt" else _read_jsonl
 
-    def rows(files: list[str]) -> Iterator[dict[str, str | None]]:
-        for f in files:
-            yield from reader(f)
+        def rows(files: list[str]) -> Iterator[dict[str, str | None]]:
+            for f in files:
+                yield from reader(f)
 
+        build = datasets.Dataset.from_generator
+        args = {"generator": rows, "gen_kwargs": {"files": [str(p) for p in paths]}}
     try:
-        return datasets.Dataset.from_generator(
-            rows, gen_kwargs={"files": [str(p) for p in paths]}, features=_features(),
-            cache_dir=str(cache_dir),
-        )  # fmt: skip
+        return build(**args, features=_features(), cache_dir=str(cache_dir))
     except datasets.exceptions.DatasetGenerationError as e:
-        # datasets wraps what the generator raised; our one-line error is the cause.
+        # datasets wraps what the reader raised; our one-line error is the cause.
         cause = e.__cause__ or e.__context__
         if isinstance(cause, Gemma3Error):
             raise cause from None
-        raise
+        raise Gemma3Error(f"{paths[0]}: cannot read the text ({cause or e})") from None
+    except ValueError as e:
+        if "corresponds to no data" in str(e):  # a file without a single row
+            return datasets.Dataset.from_dict({"text": []}, features=_features())
+        raise Gemma3Error(f"{paths[0]}: cannot read the text ({e})") from None
 
 
 def iter_stories(ds: Any, counts: dict[str, int]) -> Iterator[str]:

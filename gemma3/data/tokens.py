@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from gemma3.data.raw import SPLITS, split_path, write_error
+from gemma3.data.sources import quiet_datasets
 from gemma3.errors import Gemma3Error
 from gemma3.io import atomic_path, atomic_write_json
 from gemma3.tokenizer import EOT_ID, VOCAB_SIZE, get_encoding
@@ -49,6 +50,16 @@ def _first_bad_raw_line(path: Path) -> Gemma3Error:
     return Gemma3Error(f"{path}: not a raw split; re-run the download stage (dvc repro download)")
 
 
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The OSError behind an exception that datasets wrapped, if any."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
 def load_raw_split(raw_dir: str | os.PathLike[str], split: str, cache_dir: Path) -> Any:
     """A raw split as a datasets.Dataset (pyarrow's JSON reader; a bad line is named)."""
     import datasets
@@ -63,8 +74,11 @@ def load_raw_split(raw_dir: str | os.PathLike[str], split: str, cache_dir: Path)
     features = datasets.Features({"text": datasets.Value("string")})
     try:
         ds = datasets.Dataset.from_json(str(path), features=features, cache_dir=str(cache_dir))
-    except Exception:  # pyarrow's message has no line number: find the line ourselves
-        raise _first_bad_raw_line(path) from None
+    except Exception as e:
+        disk = _os_error(e)
+        if disk is not None:  # e.g. the disk filled up under the datasets cache
+            raise write_error(disk.filename or cache_dir, disk) from None
+        raise _first_bad_raw_line(path) from None  # pyarrow's message has no line number
     if ds.data.column("text").null_count:
         raise _first_bad_raw_line(path)
     return ds
@@ -92,9 +106,8 @@ def tokenize_split(
     out_path = Path(out_path)
     cache = out_path.parent / f".datasets-cache-{split}"
     cache.mkdir(parents=True, exist_ok=True)
-    datasets.logging.set_verbosity_error()
     try:
-        datasets.disable_progress_bars()  # reading the raw file is quick; the encoding is not
+        quiet_datasets()  # reading the raw file is quick; the encoding has a progress bar
         ds = load_raw_split(raw_dir, split, cache)
         if len(ds) == 0:
             raise Gemma3Error(
@@ -128,6 +141,10 @@ def tokenize_split(
             raise write_error(out_path, e) from None
         n_bytes = int(pc.sum(ids.data.column("n_bytes")).as_py() or 0)
         return {"tokens": n_tokens, "stories": len(ds), "bytes": n_bytes}
+    except OSError as e:  # the datasets cache could not be written (disk full)
+        if e.errno is None:
+            raise
+        raise write_error(e.filename or cache, e) from None
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
