@@ -118,6 +118,7 @@ def tokenize_split(
         # Worker processes cost about a second to start: not worth it for a split that fills
         # fewer than two batches per process. The output is the same either way.
         procs = num_proc if len(ds) >= 2 * num_proc * batch_stories else 1
+        get_encoding()  # built here once: forked workers inherit it instead of each building it
         ids = ds.map(
             _encode_batch,
             batched=True,
