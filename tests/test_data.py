@@ -622,3 +622,41 @@ for step in ("write", "tokenize"):
     # The previous train split is untouched (20,000 copies of the first story).
     assert (tmp_path / "raw" / "train.jsonl").read_text().count("big red ball") == 20000
     assert not [p for p in (tmp_path / "raw").iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize(
+    "files, source, code, expected",
+    [
+        ({"s.jsonl": '{"text": "a"}\n{"text": "b \\ud800"}\n'}, "s.jsonl", 2,
+         "download: error: data/source/s.jsonl:2: the text holds '\\ud800', a lone surrogate"),
+        ({"d/a_train.txt": "A.\n", "d/b_train.txt": "B.\n", "d/valid.txt": "V.\n"}, "d", 2,
+         "download: error: data/source/d: 2 train files (a_train.txt, b_train.txt)"),
+        ({"s.txt": "\ufeff<|endoftext|>\nOne.\n<|endoftext|>\nTwo.\n<|endoftext|>\n"
+                   "Three.\n<|endoftext|>\n   \n"}, "s.txt", 0,
+         "download: data/source/s.txt -> data/raw (train: 2 stories; validation: 1 stories), "
+         "2 empty stories skipped"),
+        ({"d/train.jsonl": '{"text": "a"}\n{"text": null}\n{"text": "b"}\n',
+          "d/valid.jsonl": '{"text": null}\n{"text": "v"}\n'}, "d", 0,
+         "download: data/source/d -> data/raw (train: 2 stories, 1 null rows skipped; "
+         "validation: 1 stories, 1 null rows skipped)"),
+    ],
+)  # fmt: skip
+def test_local_source_through_the_stage(
+    tmp_path: Path, files: dict[str, str], source: str, code: int, expected: str
+) -> None:
+    from tests.project import run_stage, write_params
+
+    for name, text in files.items():
+        path = tmp_path / "data" / "source" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    write_params(tmp_path, data={"source": f"data/source/{source}", "val_fraction": 0.34})
+    proc = run_stage(tmp_path, "download", check=False)
+    assert proc.returncode == code, proc.stderr
+    out = proc.stderr if code else proc.stdout
+    assert out.strip().startswith(expected), out
+    assert len(out.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    if code == 0:
+        stories = list(read_split(tmp_path / "data" / "raw", "train"))
+        stories += list(read_split(tmp_path / "data" / "raw", "validation"))
+        assert not any("\ufeff" in s or "endoftext" in s for s in stories)
