@@ -228,11 +228,14 @@ class _Handler(BaseHTTPRequestHandler):
                 pass
             self.close_connection = True
             return
-        if fault == "slow":  # a dribble, so a test can interrupt the transfer midway
-            for i in range(0, len(data), 1024):
-                self.wfile.write(data[i : i + 1024])
-                self.wfile.flush()
-                time.sleep(0.05)
+        if fault == "slow":  # a dribble (~5 KB/s), so a test can interrupt the transfer midway
+            try:
+                for i in range(0, len(data), 1024):
+                    self.wfile.write(data[i : i + 1024])
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:  # the client went away
+                self.close_connection = True
             return
         self.wfile.write(data)
 

@@ -323,6 +323,14 @@ def test_offline_uses_the_cache_and_otherwise_names_the_alternatives(
     info = prepare_hub(tmp_path / "off-dead", repo_id=hub.repo_id, revision="main", endpoint=dead,
                        cache_dir=tmp_path / "hf")  # fmt: skip
     assert info["train"]["files"] == first["train"]["files"]
+    # A snapshot missing a shard (an interrupted first download) is not taken for the dataset.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    link = tmp_path / "hf" / "datasets--someone--tiny-stories" / "snapshots" / hub.commit / T1
+    target = os.readlink(link)
+    link.unlink()
+    with pytest.raises(Gemma3Error, match=r"HF cache holds an incomplete set of train shards"):
+        download(tmp_path, hub, url, "off-partial")
+    link.symlink_to(target)
     # A cached file that was corrupted is caught by its hash offline as well.
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     blob = next((tmp_path / "hf").glob(f"datasets--*/blobs/{sha256(hub.files[T1])}"))
@@ -367,7 +375,7 @@ def test_stage_downloads_and_ctrl_c_leaves_no_partial_file(standin, tmp_path: Pa
     deadline = time.time() + 60
     while T0 not in hub.downloads() and time.time() < deadline:
         time.sleep(0.1)
-    time.sleep(1.0)  # well inside the ~10 s dribble
+    time.sleep(1.0)  # well inside the ~10 s dribble (49 KB at ~5 KB/s)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

@@ -269,7 +269,7 @@ def prepare_hub(
     )
 
     from gemma3.data.raw import write_source_info
-    from gemma3.data.sources import write_parquet_splits
+    from gemma3.data.sources import is_shard_name, shard_set, write_parquet_splits
 
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
     cache = str(cache_dir) if cache_dir is not None else None
@@ -302,6 +302,19 @@ def prepare_hub(
             missing = [s for s, fs in by_split.items() if not fs]
             if missing:
                 raise Gemma3Error(f"{where}: no {' or '.join(missing)} parquet files under data/")
+            for split, fs in by_split.items():
+                names = [Path(f[0]) for f in fs]
+                if any(is_shard_name(n.name) for n in names) and not shard_set(names):
+                    state = "the HF cache holds" if offline else "the listing has"
+                    raise Gemma3Error(
+                        f"{where}: {state} an incomplete set of {split} shards "
+                        f"({', '.join(n.name for n in names)}); "
+                        + (
+                            "connect once to finish the download"
+                            if offline
+                            else "check the revision"
+                        )
+                    )
             info: dict[str, Any] = {
                 "source": "hub",
                 "repo_id": repo_id,

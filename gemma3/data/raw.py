@@ -49,6 +49,14 @@ def write_error(path: str | os.PathLike[str], e: OSError) -> Gemma3Error:
     )
 
 
+def quiet_datasets() -> None:
+    """No datasets progress bars or log lines: our errors and summaries say what happened."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+
+
 def write_source_info(raw_dir: str | os.PathLike[str], info: dict[str, Any]) -> None:
     atomic_write_json(Path(raw_dir) / "source.json", info)
 

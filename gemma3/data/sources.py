@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gemma3.data.raw import write_source_info, write_split
+from gemma3.data.raw import quiet_datasets, write_source_info, write_split
 from gemma3.errors import Gemma3Error
 
 EOT_TEXT = "<|endoftext|>"
@@ -92,14 +92,6 @@ def _read_jsonl(path: str) -> Iterator[dict[str, str | None]]:
                         "surrogate that is not a character (a broken \\u escape); fix that line"
                     ) from None
             yield {"text": text}
-
-
-def quiet_datasets() -> None:
-    """No datasets progress bars or log lines: our errors and summaries say what happened."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
 
 
 def _features() -> Any:
@@ -224,7 +216,11 @@ def read_stories(path: str | os.PathLike[str]) -> list[str]:
         return list(iter_stories(load_dataset_files([Path(path)], cache), _new_counts()))
 
 
-def _shard_set(paths: list[Path]) -> bool:
+def is_shard_name(name: str) -> bool:
+    return _SHARD.fullmatch(name) is not None
+
+
+def shard_set(paths: list[Path]) -> bool:
     """Whether `paths` are exactly the shards 0..n-1 of one `name-0000i-of-0000n` set."""
     found = [_SHARD.fullmatch(p.name) for p in paths]
     if not all(found):
@@ -257,7 +253,7 @@ def split_files(directory: Path) -> dict[str, list[Path]]:
             f"'valid' ending in {', '.join(SUFFIXES)}"
         )
     for split, paths in found.items():
-        if len(paths) > 1 and not _shard_set(paths):
+        if len(paths) > 1 and not shard_set(paths):
             raise Gemma3Error(
                 f"{directory}: {len(paths)} {split} files ({', '.join(p.name for p in paths)}); "
                 "keep one, or a complete set of shards named like train-00000-of-00002.parquet"

@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gemma3.data.raw import SPLITS, split_path, write_error
-from gemma3.data.sources import quiet_datasets
+from gemma3.data.raw import SPLITS, quiet_datasets, split_path, write_error
 from gemma3.errors import Gemma3Error
 from gemma3.io import atomic_path, atomic_write_json
 from gemma3.tokenizer import EOT_ID, VOCAB_SIZE, get_encoding
