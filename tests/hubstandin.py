@@ -34,7 +34,7 @@ class Standin:
     # path -> what goes wrong: "redirect" (to another origin, like the Hub's CDN), "truncate_once"
     # (the connection drops halfway, once), "endless" (a body without end), "oversize" (more bytes
     # than declared), "slow", "etag:<value>", "commit:<value>", "missing" (listed, but 404),
-    # "ignore_range" (a resumed request gets the whole file again).
+    # "ignore_range" (a resumed request gets the whole file again); "+" combines the last two.
     faults: dict[str, str] = field(default_factory=dict)
     listed_sha256: dict[str, str | None] = field(default_factory=dict)  # listing overrides
     extra_entries: list[dict[str, Any]] = field(default_factory=list)
@@ -188,7 +188,7 @@ class _Handler(BaseHTTPRequestHandler):
         fault = self.hub.faults.get(file, "")
         start = 0
         rng = self.headers.get("Range")
-        if rng and fault != "ignore_range" and (m := re.fullmatch(r"bytes=(\d+)-", rng)):
+        if rng and "ignore_range" not in fault and (m := re.fullmatch(r"bytes=(\d+)-", rng)):
             start = int(m[1])
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
@@ -208,7 +208,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _write_body(self, file: str, data: bytes, fault: str) -> None:
         hub = self.hub
-        if fault == "truncate_once" and file not in hub.served_once:
+        if "truncate_once" in fault and file not in hub.served_once:
             with hub.lock:
                 hub.served_once.add(file)
             self.wfile.write(data[: len(data) // 2])
