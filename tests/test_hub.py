@@ -396,6 +396,25 @@ def test_stage_downloads_and_ctrl_c_leaves_no_partial_file(standin, tmp_path: Pa
     assert "validation: 2 stories, 2 null rows skipped" in done.stdout
     assert list(read_split(root / "data" / "raw", "train")) == big + TRAIN_1
     assert list((tmp_path / "home").iterdir()) == []
+    online_raw = (root / "data" / "raw" / "train.jsonl").read_bytes()
+
+    # HF_HUB_OFFLINE=1: the same data from the HF cache, with no request to the server.
+    hub.requests.clear()
+    offline = {**env, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "stages.download"], cwd=root, env=offline,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert hub.requests == []
+    assert (root / "data" / "raw" / "train.jsonl").read_bytes() == online_raw
+    # ... and with an empty cache: one line naming the offline alternatives, exit 2.
+    empty = {**offline, "HF_HOME": str(tmp_path / "empty-hf-home")}
+    failed = subprocess.run([sys.executable, "-m", "stages.download"], cwd=root, env=empty,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert failed.returncode == 2
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("download: error: cannot download")
+    assert "data.source: synthetic" in lines[0] and "local path" in lines[0]
+    assert (root / "data" / "raw" / "train.jsonl").read_bytes() == online_raw  # kept
 
 
 def test_download_module_has_no_handwritten_http_client() -> None:
