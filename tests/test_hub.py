@@ -421,3 +421,38 @@ def test_download_module_has_no_handwritten_http_client() -> None:
     hits = [p for p in (REPO / "gemma3").rglob("*.py") if "urllib" in p.read_text(encoding="utf-8")]
     assert hits == []
     assert hubmod.ALLOW_PATTERNS == ["data/*.parquet"]
+
+
+def _small_file_limit() -> None:
+    """In the child: writes past 256 KB fail with EFBIG, as on a full disk."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+
+def test_full_disk_during_download_names_the_cache(standin, tmp_path: Path) -> None:
+    import random
+
+    rng = random.Random(0)
+    words = ["cat", "dog", "sun", "tree", "ball", "red", "ran", "saw", "big", "home"]
+    noisy = [" ".join(rng.choice(words) + str(rng.randrange(10**6)) for _ in range(60))
+             for _ in range(3000)]  # fmt: skip
+    hub, url = standin()
+    hub.files[T0] = parquet_bytes(noisy)
+    assert len(hub.files[T0]) > 256 * 1024
+    root = tmp_path / "ws"
+    root.mkdir()
+    (tmp_path / "home").mkdir()
+    write_params(root, data={"source": hub.repo_id, "hub": {"repo_id": hub.repo_id,
+                                                             "revision": "main"}})  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "stages.download"], cwd=root,
+                          env=stage_env(tmp_path, url), capture_output=True, text=True,
+                          timeout=300, preexec_fn=_small_file_limit)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("download:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert lines[0].startswith(f"download: error: {tmp_path / 'hf-home' / 'hub'}")
+    assert "cannot write (File too large)" in lines[0]
+    assert not list((tmp_path / "hf-home").rglob("*.incomplete"))
+    assert not (root / "data" / "raw").exists()

@@ -365,9 +365,15 @@ def prepare_hub(
         ) from None
     except HfHubHTTPError as e:
         raise Gemma3Error(f"{where}: HTTP {_status(e)} ({_first_line(e)})") from None
-    except (OSError, ValueError, httpx2.HTTPError) as e:
-        if isinstance(e, Gemma3Error):
-            raise
+    except OSError as e:
+        if e.errno is not None:  # disk full, permissions: name the place it could not write
+            target = e.filename or cache or constants.HF_HUB_CACHE
+            raise Gemma3Error(
+                f"{target}: cannot write ({e.strerror}); free disk space in the HF cache "
+                "(HF_HOME / HF_HUB_CACHE) or point it elsewhere, then re-run"
+            ) from None
+        raise Gemma3Error(f"{where}: download failed ({_first_line(e)})") from None
+    except (ValueError, httpx2.HTTPError) as e:
         raise Gemma3Error(f"{where}: download failed ({_first_line(e)})") from None
     counts = write_parquet_splits(raw_dir, paths, where=f"{repo_id}@{commit}")
     for split in by_split:
