@@ -231,7 +231,7 @@ def test_prepare_local_directory_of_shards_in_order(tmp_path: Path) -> None:
     "names, named",
     [
         (["a_train.txt", "b_train.txt", "valid.txt"], ["a_train.txt", "b_train.txt"]),
-        (["train_and_valid.txt", "train.txt", "valid.txt"], ["train_and_valid.txt"]),
+        (["train_and_valid.txt", "train.txt"], ["train_and_valid.txt"]),
         (["train-00000-of-00003.txt", "train-00002-of-00003.txt", "valid.txt"],
          ["train-00000-of-00003.txt", "train-00002-of-00003.txt"]),  # a shard is missing
         (["train.txt", "valid.jsonl", "valid2.txt"], ["valid.jsonl", "valid2.txt"]),
