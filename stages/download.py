@@ -27,7 +27,10 @@ def main() -> None:
         for s in ("train", "validation")
         if s in info
     )
-    print(f"download: {p.data.source} -> {RAW_DIR} ({counts}){skipped(info.get('skipped', {}))}")
+    label = p.data.source
+    if info["source"] == "hub":
+        label = f"{info['repo_id']}@{info['commit'][:12]}"
+    print(f"download: {label} -> {RAW_DIR} ({counts}){skipped(info.get('skipped', {}))}")
     if info["source"] == "local" and not tracked_by_dvc(p.data.source):
         print(
             f"download: note: {p.data.source} is outside {SOURCE_DIR}/, so DVC does not see when "

@@ -393,7 +393,10 @@ def test_stage_downloads_and_ctrl_c_leaves_no_partial_file(standin, tmp_path: Pa
     done = subprocess.run([sys.executable, "-m", "stages.download"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "validation: 2 stories, 2 null rows skipped" in done.stdout
+    assert done.stdout.startswith(
+        f"download: {hub.repo_id}@{hub.commit[:12]} -> data/raw (train: {len(big) + 2} stories; "
+        "validation: 2 stories, 2 null rows skipped)"
+    ), done.stdout
     assert list(read_split(root / "data" / "raw", "train")) == big + TRAIN_1
     assert list((tmp_path / "home").iterdir()) == []
     online_raw = (root / "data" / "raw" / "train.jsonl").read_bytes()
