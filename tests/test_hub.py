@@ -394,7 +394,7 @@ def test_stage_downloads_and_ctrl_c_leaves_no_partial_file(standin, tmp_path: Pa
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(
-        f"download: {hub.repo_id}@{hub.commit[:12]} -> data/raw (train: {len(big) + 2} stories; "
+        f"download: {hub.repo_id}@{hub.commit[:12]} -> data/raw (train: {len(big) + 2:,} stories; "
         "validation: 2 stories, 2 null rows skipped)"
     ), done.stdout
     assert list(read_split(root / "data" / "raw", "train")) == big + TRAIN_1
