@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from gemma3.config import Config, ConfigError
+from gemma3.data.hub import PINNED_REVISION
 from gemma3.errors import Gemma3Error
 
 HUB_SOURCE = "roneneldan/TinyStories"
@@ -33,7 +34,8 @@ class SyntheticParams:
 @dataclass(frozen=True)
 class HubParams:
     repo_id: str = HUB_SOURCE
-    revision: str = "main"
+    revision: str = PINNED_REVISION  # a commit: "main" would move under you
+    verify: bool = True  # refuse files without a pinned or listed sha256
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class DataParams:
 @dataclass(frozen=True)
 class TokenizeParams:
     eot: bool = True  # <|endoftext|> after every story; the seed had none (false = seed behaviour)
-    num_threads: int = 2
+    num_proc: int = 2  # processes for datasets.map
     batch_stories: int = 1024
 
 
@@ -211,7 +213,15 @@ def _check_values(p: Params, file: str) -> None:
         raise err("data.val_fraction", f"must be between 0 and 1, got {d.val_fraction}")
     positive(d.synthetic, "n_train", "data.synthetic.n_train")
     positive(d.synthetic, "n_val", "data.synthetic.n_val")
-    positive(p.tokenize, "num_threads", "tokenize.num_threads")
+    if not d.source.strip():
+        raise err("data.source", "must name synthetic, a Hub repo or a local path, got ''")
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", d.hub.repo_id):
+        raise err("data.hub.repo_id", f"must look like owner/name, got {d.hub.repo_id!r}")
+    if not re.fullmatch(r"[\w./-]+", d.hub.revision) or ".." in d.hub.revision:
+        raise err("data.hub.revision", f"must be a commit, branch or tag, got {d.hub.revision!r}")
+    positive(p.tokenize, "num_proc", "tokenize.num_proc")
+    if p.tokenize.num_proc > 256:
+        raise err("tokenize.num_proc", f"must be at most 256, got {p.tokenize.num_proc}")
     positive(p.tokenize, "batch_stories", "tokenize.batch_stories")
     for name in (
         "max_steps",

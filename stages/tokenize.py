@@ -12,15 +12,12 @@ def main() -> None:
     # Both splits and meta.json replace the old ones together, or not at all.
     with atomic_dir("data/tokens") as tmp:
         meta = tokenize_raw(
-            "data/raw",
-            tmp,
-            eot=t.eot,
-            num_threads=t.num_threads,
-            batch_stories=t.batch_stories,
+            "data/raw", tmp, eot=t.eot, num_proc=t.num_proc, batch_stories=t.batch_stories
         )
     print(
         f"tokenize: train {meta['train']['tokens']:,} tokens, "
         f"validation {meta['validation']['tokens']:,} tokens -> data/tokens"
+        f"{'' if t.eot else ' (no end-of-text tokens: tokenize.eot is false)'}"
     )
 
 

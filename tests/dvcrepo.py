@@ -17,7 +17,9 @@ import yaml
 
 from tests.project import REPO, deep_update
 
-PROJECT_FILES = ["gemma3", "stages", "dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config"]
+PROJECT_FILES = [
+    "gemma3", "stages", "dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", "data/source"
+]  # fmt: skip
 
 # The whole pipeline on a 3.6M-parameter model: seconds per stage on 2 CPU cores.
 TINY_PIPELINE = {

@@ -1,19 +1,13 @@
-"""Data pipeline: synthetic stories, local readers, the Hub path (against a local stand-in server),
-tokenization into uint16 memmaps, batch sampling and whole-array evaluation.
-
-Nothing here touches the network: the Hub is a ThreadingHTTPServer on 127.0.0.1.
+"""Data pipeline: synthetic stories, local readers (through `datasets`), tokenization into uint16
+memmaps (datasets.map), batch sampling and whole-array evaluation. The Hub: tests/test_hub.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
-import socket
-import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from gemma3.config import Config
-from gemma3.data import sources
 from gemma3.data.raw import read_split, write_source_info, write_split
-from gemma3.data.sources import pinned_sha256, prepare_hub, prepare_local, read_stories
+from gemma3.data.sources import prepare_local, read_stories
 from gemma3.data.synthetic import synthetic_stories, write_synthetic
 from gemma3.data.tokens import (
     fixed_batches,
@@ -203,22 +196,90 @@ def test_prepare_local_directory(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / "TinyStories-train.txt").write_text(TXT, encoding="utf-8")
-    write_parquet(src / "more_train.parquet", {"text": ["Extra one.", "Extra two."]})
     (src / "TinyStories-valid.jsonl").write_text(
         json.dumps({"text": "Valid story."}) + "\n", encoding="utf-8"
     )
     (src / "notes.md").write_text("ignored", encoding="utf-8")
     raw = tmp_path / "raw"
     info = prepare_local(src, raw, val_fraction=0.5, seed=0)
-    # Files are read in sorted name order: "TinyStories-train.txt" < "more_train.parquet".
     train = list(read_split(raw, "train"))
-    assert train == TXT_STORIES + ["Extra one.", "Extra two."]
+    assert train == TXT_STORIES
     assert list(read_split(raw, "validation")) == ["Valid story."]
-    assert info["train"]["stories"] == 6
+    assert info["train"]["stories"] == 4
     assert info["train"]["bytes"] == sum(len(s.encode()) for s in train)
-    assert info["train"]["files"] == ["TinyStories-train.txt", "more_train.parquet"]
+    assert info["train"]["files"] == ["TinyStories-train.txt"]
     assert info["validation"]["files"] == ["TinyStories-valid.jsonl"]
     assert json.loads((raw / "source.json").read_text(encoding="utf-8")) == info
+    assert info["path"] == str(src) and (raw / ".datasets-cache").exists() is False
+
+
+def test_prepare_local_directory_of_shards_in_order(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        write_parquet(src / f"train-0000{i}-of-00003.parquet", {"text": [f"T{i}a", f"T{i}b"]})
+    write_parquet(src / "validation-00000-of-00001.parquet", {"text": ["V", None, "W"]})
+    info = prepare_local(src, tmp_path / "raw", val_fraction=0.5, seed=0)
+    assert list(read_split(tmp_path / "raw", "train")) == [
+        "T0a", "T0b", "T1a", "T1b", "T2a", "T2b"
+    ]  # fmt: skip
+    assert list(read_split(tmp_path / "raw", "validation")) == ["V", "W"]
+    assert info["validation"]["null_rows"] == 1 and info["train"]["null_rows"] == 0
+
+
+@pytest.mark.parametrize(
+    "names, named",
+    [
+        (["a_train.txt", "b_train.txt", "valid.txt"], ["a_train.txt", "b_train.txt"]),
+        (["train_and_valid.txt", "train.txt"], ["train_and_valid.txt"]),
+        (["train-00000-of-00003.txt", "train-00002-of-00003.txt", "valid.txt"],
+         ["train-00000-of-00003.txt", "train-00002-of-00003.txt"]),  # a shard is missing
+        (["train.txt", "valid.jsonl", "valid2.txt"], ["valid.jsonl", "valid2.txt"]),
+    ],
+)  # fmt: skip
+def test_ambiguous_directory_is_an_error_naming_the_files(
+    tmp_path: Path, names: list[str], named: list[str]
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in names:
+        (src / n).write_text("A story.\n", encoding="utf-8")
+    with pytest.raises(Gemma3Error) as e:
+        prepare_local(src, tmp_path / "raw", val_fraction=0.1, seed=0)
+    msg = str(e.value)
+    assert "\n" not in msg and all(n in msg for n in named), msg
+    assert not (tmp_path / "raw" / "train.jsonl").exists()
+
+
+def test_bom_is_stripped(tmp_path: Path) -> None:
+    txt = tmp_path / "bom.txt"
+    txt.write_bytes(b"\xef\xbb\xbf<|endoftext|>\nFirst.\n<|endoftext|>\nSecond.\n")
+    # With the BOM kept, the first separator line would be part of the first story.
+    assert read_stories(txt) == ["First.", "Second."]
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b'\xef\xbb\xbf{"text": "\\ufeffinside stays"}\n{"text": "b"}\n')
+    assert read_stories(jsonl) == ["\ufeffinside stays", "b"]
+
+
+def test_lone_surrogate_in_jsonl_names_file_and_line(tmp_path: Path) -> None:
+    p = tmp_path / "s.jsonl"
+    p.write_text('{"text": "fine"}\n{"text": "bad \\ud800 here"}\n', encoding="utf-8")
+    with pytest.raises(Gemma3Error) as e:
+        read_stories(p)
+    msg = str(e.value)
+    assert f"{p}:2:" in msg and "surrogate" in msg and "\n" not in msg
+
+
+def test_null_rows_are_counted(tmp_path: Path) -> None:
+    p = tmp_path / "s.jsonl"
+    p.write_text(
+        '{"text": "a"}\n{"text": null}\n{"text": "  "}\n{"text": "b"}\n{"text": null}\n'
+        '{"text": "c"}\n',
+        encoding="utf-8",
+    )
+    info = prepare_local(p, tmp_path / "raw", val_fraction=0.3, seed=0)
+    assert info["skipped"] == {"null_rows": 2, "empty_rows": 1}
+    assert info["train"]["stories"] + info["validation"]["stories"] == 3
 
 
 def test_prepare_local_directory_without_valid_file(tmp_path: Path) -> None:
@@ -284,275 +345,6 @@ def test_read_split_malformed_raw_line(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The Hub, against a local stand-in
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-class FakeHub:
-    """Serves one dataset repo's `data/` listing and resolve URLs; records every request."""
-
-    def __init__(self, repo_id: str, revision: str = "main") -> None:
-        self.repo_id, self.revision = repo_id, revision
-        self.files: dict[str, bytes] = {}
-        self.oids: dict[str, str] = {}  # listing oid overrides
-        self.extra_entries: list[dict] = []
-        self.requests: list[str] = []
-        self.headers: list[dict[str, str]] = []
-        self.lock = threading.Lock()
-
-    def listing(self) -> list[dict]:
-        entries = [
-            {
-                "type": "file",
-                "path": path,
-                "size": len(data),
-                "oid": sha256(path.encode())[:40],  # a git blob id, not the content hash
-                "lfs": {"oid": self.oids.get(path, sha256(data)), "size": len(data)},
-            }
-            for path, data in self.files.items()
-        ]
-        return entries + self.extra_entries
-
-    def resolve_requests(self) -> list[str]:
-        return [r for r in self.requests if "/resolve/" in r]
-
-    def handler(self) -> type[BaseHTTPRequestHandler]:
-        hub = self
-        tree = f"/api/datasets/{hub.repo_id}/tree/{hub.revision}/data"
-        resolve = f"/datasets/{hub.repo_id}/resolve/{hub.revision}/"
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:  # keep pytest output clean
-                pass
-
-            def _send(self, code: int, body: bytes, ctype: str) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self) -> None:
-                with hub.lock:
-                    hub.requests.append(self.path)
-                    hub.headers.append(dict(self.headers))
-                if self.path == tree:
-                    body = json.dumps(hub.listing()).encode()
-                    return self._send(200, body, "application/json")
-                if self.path.startswith(resolve):
-                    path = self.path[len(resolve) :]
-                    if path in hub.files:
-                        return self._send(200, hub.files[path], "application/octet-stream")
-                self._send(404, b'{"error": "not found"}', "application/json")
-
-        return Handler
-
-
-@pytest.fixture
-def hub_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("GEMMA3_CACHE", str(cache))
-    for var in ("HF_ENDPOINT", "HF_TOKEN", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    return cache
-
-
-def serve(hub: FakeHub):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), hub.handler())
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
-
-
-@pytest.fixture
-def fake_hub(hub_env: Path):
-    hubs: list = []
-
-    def start(repo_id: str = "someone/tiny-stories") -> tuple[FakeHub, str]:
-        hub = FakeHub(repo_id)
-        server, url = serve(hub)
-        hubs.append(server)
-        return hub, url
-
-    yield start
-    for server in hubs:
-        server.shutdown()
-        server.server_close()
-
-
-def cached_files(cache: Path) -> list[Path]:
-    return sorted(p for p in cache.rglob("*") if p.is_file()) if cache.exists() else []
-
-
-TRAIN_0 = ["Once there was a frog.", "The frog 🐸 jumped.\n\nIt was happy."]
-TRAIN_1 = ["Lily had a red ball.", "Café for Ben."]
-VALID = ["A small bird sang.", "The end."]
-
-
-def test_hub_download_verify_and_cache(fake_hub, hub_env: Path, tmp_path: Path) -> None:
-    hub, url = fake_hub()
-    hub.files = {
-        "data/validation-00000-of-00001.parquet": parquet_bytes(VALID),
-        "data/train-00001-of-00002.parquet": parquet_bytes(TRAIN_1),
-        "data/train-00000-of-00002.parquet": parquet_bytes(TRAIN_0),
-    }
-    hub.extra_entries = [
-        {"type": "directory", "path": "data/extra", "oid": "0" * 40, "size": 0},
-        {"type": "file", "path": "data/README.md", "size": 3, "lfs": None},
-    ]
-    info = prepare_hub(tmp_path / "raw", repo_id=hub.repo_id, endpoint=url + "/", progress=False)
-    assert list(read_split(tmp_path / "raw", "train")) == TRAIN_0 + TRAIN_1
-    assert list(read_split(tmp_path / "raw", "validation")) == VALID
-    assert info["source"] == "hub" and info["repo_id"] == hub.repo_id
-    assert info["train"]["stories"] == 4
-    assert info["train"]["bytes"] == sum(len(s.encode()) for s in TRAIN_0 + TRAIN_1)
-    assert info["train"]["files"] == {
-        p: sha256(hub.files[p]) for p in sorted(hub.files) if "/train" in p
-    }
-    assert json.loads((tmp_path / "raw" / "source.json").read_text(encoding="utf-8")) == info
-    assert len(hub.resolve_requests()) == 3
-    assert not [r for r in hub.requests if "README" in r]
-
-    # The cache holds exactly the verified files, under the repo and revision.
-    base = hub_env / "hub" / "someone--tiny-stories" / "main"
-    assert cached_files(hub_env) == sorted(base / p for p in hub.files)
-    for p, data in hub.files.items():
-        assert (base / p).read_bytes() == data
-
-    # Second run: only the listing is fetched, the files come from the cache.
-    hub.requests.clear()
-    prepare_hub(tmp_path / "raw2", repo_id=hub.repo_id, endpoint=url, progress=False)
-    assert hub.resolve_requests() == []
-    assert len(hub.requests) == 1
-    for split in ("train.jsonl", "validation.jsonl"):
-        assert (tmp_path / "raw2" / split).read_bytes() == (tmp_path / "raw" / split).read_bytes()
-
-    # A corrupted cache entry is detected by its hash and downloaded again.
-    victim = base / "data/train-00001-of-00002.parquet"
-    victim.write_bytes(b"garbage")
-    hub.requests.clear()
-    prepare_hub(tmp_path / "raw3", repo_id=hub.repo_id, endpoint=url, progress=False)
-    assert hub.resolve_requests() == [
-        f"/datasets/{hub.repo_id}/resolve/main/data/train-00001-of-00002.parquet"
-    ]
-    assert victim.read_bytes() == hub.files["data/train-00001-of-00002.parquet"]
-
-
-def test_hub_endpoint_and_token_from_environment(
-    fake_hub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    hub, url = fake_hub()
-    hub.files = {
-        "data/train-0.parquet": parquet_bytes(TRAIN_0),
-        "data/validation-0.parquet": parquet_bytes(VALID),
-    }
-    monkeypatch.setenv("HF_ENDPOINT", url)
-    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-    prepare_hub(tmp_path / "raw", repo_id=hub.repo_id, progress=False)
-    assert list(read_split(tmp_path / "raw", "validation")) == VALID
-    assert len(hub.requests) == 3
-    assert all(h.get("Authorization") == "Bearer hf_test_token" for h in hub.headers)
-
-
-def test_hub_listing_hash_mismatch_is_refused(fake_hub, hub_env: Path, tmp_path: Path) -> None:
-    hub, url = fake_hub()
-    hub.files = {
-        "data/train-00000-of-00001.parquet": parquet_bytes(TRAIN_0),
-        "data/validation-00000-of-00001.parquet": parquet_bytes(VALID),
-    }
-    wrong = sha256(b"some other file")
-    hub.oids["data/train-00000-of-00001.parquet"] = wrong
-    with pytest.raises(Gemma3Error) as info:
-        prepare_hub(tmp_path / "raw", repo_id=hub.repo_id, endpoint=url, progress=False)
-    msg = str(info.value)
-    assert "\n" not in msg
-    assert "train-00000-of-00001.parquet" in msg and wrong in msg and "sha256" in msg
-    assert hub.resolve_requests()  # it did download, then refused
-    assert cached_files(hub_env) == []  # neither the file nor a .part is left behind
-    assert not (tmp_path / "raw" / "train.jsonl").exists()
-
-
-def test_hub_tinystories_pins_override_listing(fake_hub, hub_env: Path, tmp_path: Path) -> None:
-    """A mirror that lists a matching oid for changed content is still refused for the pinned
-    TinyStories validation file."""
-    hub, url = fake_hub("roneneldan/TinyStories")
-    val_path = "data/validation-00000-of-00001-869c898b519ad725.parquet"
-    train_path = "data/train-00001-of-00004-abcdef.parquet"  # not pinned
-    hub.files = {train_path: parquet_bytes(TRAIN_0), val_path: parquet_bytes(VALID)}
-    pin = "33406a6206554cfc279c29c11f4df51528af487aa1a602b075566fc83c49dcab"  # REFERENCE.md
-    assert sha256(hub.files[val_path]) != pin
-    with pytest.raises(Gemma3Error) as info:
-        prepare_hub(tmp_path / "raw", repo_id=hub.repo_id, endpoint=url, progress=False)
-    msg = str(info.value)
-    assert "\n" not in msg and val_path in msg and pin in msg
-    base = hub_env / "hub" / "roneneldan--TinyStories" / "main"
-    assert not (base / val_path).exists()
-    assert not (base / (val_path + ".part")).exists()
-    # The unpinned train file was fine and stays cached.
-    assert cached_files(hub_env) == [base / train_path]
-
-    # The same files under another repo name are accepted: the pins are TinyStories-only.
-    other, url2 = fake_hub("mirror/TinyStories")
-    other.files = dict(hub.files)
-    prepare_hub(tmp_path / "raw2", repo_id=other.repo_id, endpoint=url2, progress=False)
-    assert list(read_split(tmp_path / "raw2", "validation")) == VALID
-
-
-def test_pinned_hashes_are_reference_values() -> None:
-    repo = "roneneldan/TinyStories"
-    val = "data/validation-00000-of-00001-869c898b519ad725.parquet"
-    assert pinned_sha256(repo, val) == (
-        "33406a6206554cfc279c29c11f4df51528af487aa1a602b075566fc83c49dcab"
-    )
-    assert pinned_sha256(repo, "data/train-00000-of-00004-2d5a1467fff1081b.parquet") == (
-        "77cf780cebe52b6e83e3a2ac84bc56d8059363113e41d17a023f1d8b2ed0fc0b"
-    )
-    assert pinned_sha256(repo, "data/train-00001-of-00004-5852b56a2bd28fd9.parquet") == ""
-    assert pinned_sha256("someone/else", val) == ""
-
-
-def test_hub_unreachable_endpoint_suggests_offline_sources(hub_env: Path, tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # The socket is closed: nothing listens on that port now.
-    with pytest.raises(Gemma3Error) as info:
-        prepare_hub(
-            tmp_path / "raw",
-            repo_id="roneneldan/TinyStories",
-            endpoint=f"http://127.0.0.1:{port}",
-            progress=False,
-        )
-    msg = str(info.value)
-    assert "\n" not in msg
-    assert "synthetic" in msg and "local path" in msg
-    assert f"127.0.0.1:{port}" in msg
-    assert cached_files(hub_env) == []
-
-
-def test_hub_missing_repo_and_missing_split(fake_hub, tmp_path: Path) -> None:
-    hub, url = fake_hub()
-    with pytest.raises(Gemma3Error, match=r"HTTP 404 .*wrong repo_id or revision"):
-        prepare_hub(tmp_path / "raw", repo_id="nobody/nothing", endpoint=url, progress=False)
-    hub.files = {"data/train-0.parquet": parquet_bytes(TRAIN_0)}
-    with pytest.raises(Gemma3Error, match="no validation parquet files"):
-        prepare_hub(tmp_path / "raw", repo_id=hub.repo_id, endpoint=url, progress=False)
-
-
-def test_hub_cache_dir_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("GEMMA3_CACHE", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    assert sources.cache_dir() == Path.home() / ".cache" / "gemma3-tinystories"
-    monkeypatch.setenv("GEMMA3_CACHE", str(tmp_path / "c"))
-    assert sources.cache_dir() == tmp_path / "c"
-
-
-# ---------------------------------------------------------------------------------------------
 # Tokenization
 
 STORIES_TRAIN = [
@@ -583,7 +375,7 @@ def expected_ids(stories: list[str], eot: bool) -> list[int]:
 def test_tokenize_raw_matches_independent_encoding(tmp_path: Path) -> None:
     raw, out = tmp_path / "raw", tmp_path / "tokens"
     write_raw(raw)
-    meta = tokenize_raw(raw, out, num_threads=1, batch_stories=3, progress=False)
+    meta = tokenize_raw(raw, out, num_proc=1, batch_stories=3, progress=False)
     assert json.loads((out / "meta.json").read_text(encoding="utf-8")) == meta
     assert meta["source"] == {"source": "test", "note": "hand-written"}
     assert meta["eot"] is True and meta["eot_id"] == EOT_ID and meta["dtype"] == "uint16"
@@ -606,7 +398,7 @@ def test_tokenize_raw_matches_independent_encoding(tmp_path: Path) -> None:
 def test_tokenize_raw_without_eot(tmp_path: Path) -> None:
     raw, out = tmp_path / "raw", tmp_path / "tokens"
     write_raw(raw)
-    meta = tokenize_raw(raw, out, eot=False, num_threads=2, batch_stories=2, progress=False)
+    meta = tokenize_raw(raw, out, eot=False, num_proc=2, batch_stories=2, progress=False)
     assert meta["eot"] is False
     arr = np.fromfile(out / "train.bin", dtype=np.uint16)
     assert EOT_ID not in arr
@@ -618,8 +410,8 @@ def test_tokenize_raw_without_eot(tmp_path: Path) -> None:
 def test_tokenize_batch_size_does_not_change_output(tmp_path: Path) -> None:
     raw = tmp_path / "raw"
     write_raw(raw)
-    tokenize_raw(raw, tmp_path / "a", num_threads=1, batch_stories=1, progress=False)
-    tokenize_raw(raw, tmp_path / "b", num_threads=2, batch_stories=1000, progress=False)
+    tokenize_raw(raw, tmp_path / "a", num_proc=1, batch_stories=1, progress=False)
+    tokenize_raw(raw, tmp_path / "b", num_proc=2, batch_stories=1000, progress=False)
     for split in ("train.bin", "validation.bin"):
         assert (tmp_path / "a" / split).read_bytes() == (tmp_path / "b" / split).read_bytes()
 
@@ -762,3 +554,109 @@ def test_bits_per_byte() -> None:
     assert bits_per_byte(2.0, 3, 5) == pytest.approx(6.0 / (5 * math.log(2)))
     # 4.07 bytes per token at 1.0 nat/token: 1 / (4.07 ln 2) bits per byte.
     assert bits_per_byte(1.0, 1000, 4070) == pytest.approx(1.0 / (4.07 * math.log(2)))
+
+
+def test_tokenize_with_one_and_two_processes_gives_identical_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datasets
+
+    used: list[int | None] = []
+    real_map = datasets.Dataset.map
+
+    def spy(self, *args, **kwargs):
+        used.append(kwargs.get("num_proc"))
+        return real_map(self, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "map", spy)
+    raw = tmp_path / "raw"
+    write_split(raw, "train", [f"{s} ({i})" for i in range(40) for s in STORIES_TRAIN[:3]])
+    write_split(raw, "validation", STORIES_VAL * 4)
+    one = tokenize_raw(raw, tmp_path / "one", num_proc=1, batch_stories=2, progress=False)
+    two = tokenize_raw(raw, tmp_path / "two", num_proc=2, batch_stories=2, progress=False)
+    assert used == [None, None, 2, 2]  # the second run really used two worker processes
+    assert one == two
+    for split in ("train.bin", "validation.bin"):
+        assert (tmp_path / "one" / split).read_bytes() == (tmp_path / "two" / split).read_bytes()
+    stories = [json.loads(x)["text"] for x in (raw / "train.jsonl").read_text().splitlines()]
+    assert np.fromfile(tmp_path / "two" / "train.bin", np.uint16).tolist() == expected_ids(
+        stories, eot=True
+    )
+    # The datasets cache lived in the output folder and is gone.
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "meta.json", "train.bin", "validation.bin"
+    ]  # fmt: skip
+
+
+def test_full_disk_names_the_file(tmp_path: Path) -> None:
+    """A file-size limit makes every write past 64 KB fail (EFBIG), as a full disk would."""
+    code = f"""
+import resource, signal, sys
+from gemma3.data.raw import write_split
+from gemma3.data.tokens import tokenize_raw
+from gemma3.errors import Gemma3Error
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+write_split({str(tmp_path / "raw")!r}, "validation", ["A story."] * 10)
+write_split({str(tmp_path / "raw")!r}, "train", ["A story about a big red ball."] * 20000)
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+for step in ("write", "tokenize"):
+    try:
+        if step == "write":
+            write_split({str(tmp_path / "raw")!r}, "train", ["Another story."] * 20000)
+        else:
+            tokenize_raw({str(tmp_path / "raw")!r}, {str(tmp_path / "tok")!r}, num_proc=1,
+                         progress=False)
+    except Gemma3Error as e:
+        print(e)
+"""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    ).stdout.splitlines()
+    assert len(out) == 2, out
+    assert out[0].startswith(f"{tmp_path / 'raw' / 'train.jsonl'}: cannot write (File too large)")
+    # Tokenizing: the datasets cache in the output folder is the first write to fail.
+    assert out[1].startswith(f"{tmp_path / 'tok'}/") and ": cannot write (File too large)" in out[1]
+    # The previous train split is untouched (20,000 copies of the first story).
+    assert (tmp_path / "raw" / "train.jsonl").read_text().count("big red ball") == 20000
+    assert not [p for p in (tmp_path / "raw").iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize(
+    "files, source, code, expected",
+    [
+        ({"s.jsonl": '{"text": "a"}\n{"text": "b \\ud800"}\n'}, "s.jsonl", 2,
+         "download: error: data/source/s.jsonl:2: the text holds '\\ud800', a lone surrogate"),
+        ({"d/a_train.txt": "A.\n", "d/b_train.txt": "B.\n", "d/valid.txt": "V.\n"}, "d", 2,
+         "download: error: data/source/d: 2 train files (a_train.txt, b_train.txt)"),
+        ({"s.txt": "\ufeff<|endoftext|>\nOne.\n<|endoftext|>\nTwo.\n<|endoftext|>\n"
+                   "Three.\n<|endoftext|>\n   \n"}, "s.txt", 0,
+         "download: data/source/s.txt -> data/raw (train: 2 stories; validation: 1 stories), "
+         "2 empty stories skipped"),
+        ({"d/train.jsonl": '{"text": "a"}\n{"text": null}\n{"text": "b"}\n',
+          "d/valid.jsonl": '{"text": null}\n{"text": "v"}\n'}, "d", 0,
+         "download: data/source/d -> data/raw (train: 2 stories, 1 null rows skipped; "
+         "validation: 1 stories, 1 null rows skipped)"),
+    ],
+)  # fmt: skip
+def test_local_source_through_the_stage(
+    tmp_path: Path, files: dict[str, str], source: str, code: int, expected: str
+) -> None:
+    from tests.project import run_stage, write_params
+
+    for name, text in files.items():
+        path = tmp_path / "data" / "source" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    write_params(tmp_path, data={"source": f"data/source/{source}", "val_fraction": 0.34})
+    proc = run_stage(tmp_path, "download", check=False)
+    assert proc.returncode == code, proc.stderr
+    out = proc.stderr if code else proc.stdout
+    assert out.strip().startswith(expected), out
+    assert len(out.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    if code == 0:
+        stories = list(read_split(tmp_path / "data" / "raw", "train"))
+        stories += list(read_split(tmp_path / "data" / "raw", "validation"))
+        assert not any("\ufeff" in s or "endoftext" in s for s in stories)

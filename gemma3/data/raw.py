@@ -28,13 +28,33 @@ def write_split(
 ) -> dict[str, int]:
     """Write one split atomically; return {"stories": n, "bytes": utf-8 bytes of the texts}."""
     n = n_bytes = 0
-    with atomic_path(split_path(raw_dir, split)) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for text in stories:
-            f.write(json.dumps({"text": text}, ensure_ascii=False))
-            f.write("\n")
-            n += 1
-            n_bytes += len(text.encode("utf-8"))
+    path = split_path(raw_dir, split)
+    try:
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for text in stories:
+                f.write(json.dumps({"text": text}, ensure_ascii=False))
+                f.write("\n")
+                n += 1
+                n_bytes += len(text.encode("utf-8"))
+    except OSError as e:  # disk full, quota, read-only: say which file could not be written
+        raise write_error(path, e) from None
     return {"stories": n, "bytes": n_bytes}
+
+
+def write_error(path: str | os.PathLike[str], e: OSError) -> Gemma3Error:
+    """The one-line message for a failed write (the previous output is left as it was)."""
+    return Gemma3Error(
+        f"{path}: cannot write ({e.strerror or e}); free disk space or fix permissions and "
+        "re-run (the previous output is unchanged)"
+    )
+
+
+def quiet_datasets() -> None:
+    """No datasets progress bars or log lines: our errors and summaries say what happened."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
 
 
 def write_source_info(raw_dir: str | os.PathLike[str], info: dict[str, Any]) -> None:

@@ -9,28 +9,78 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from gemma3.data.raw import SPLITS, read_split, split_path
+from gemma3.data.raw import SPLITS, quiet_datasets, split_path, write_error
 from gemma3.errors import Gemma3Error
 from gemma3.io import atomic_path, atomic_write_json
 from gemma3.tokenizer import EOT_ID, VOCAB_SIZE, get_encoding
 
 
-def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def _encode_batch(batch: dict[str, list[str]], eot: bool) -> dict[str, list[Any]]:
+    """datasets.map function (module level, so worker processes can import it)."""
+    enc = get_encoding()
+    ids = [enc.encode_ordinary(t) for t in batch["text"]]
+    if eot:
+        for story in ids:
+            story.append(EOT_ID)
+    return {"ids": ids, "n_bytes": [len(t.encode("utf-8")) for t in batch["text"]]}
+
+
+def _first_bad_raw_line(path: Path) -> Gemma3Error:
+    """Name the first line of a raw split that is not a {"text": string} object."""
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                ok = isinstance(obj, dict) and isinstance(obj.get("text"), str)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                return Gemma3Error(f'{path}:{lineno}: not a {{"text": ...}} JSON line ({e})')
+            if not ok:
+                return Gemma3Error(f'{path}:{lineno}: not a {{"text": ...}} JSON line')
+    return Gemma3Error(f"{path}: not a raw split; re-run the download stage (dvc repro download)")
+
+
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The OSError behind an exception that datasets wrapped, if any."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def load_raw_split(raw_dir: str | os.PathLike[str], split: str, cache_dir: Path) -> Any:
+    """A raw split as a datasets.Dataset (pyarrow's JSON reader; a bad line is named)."""
+    import datasets
+
+    path = split_path(raw_dir, split)
+    if not path.is_file():
+        raise Gemma3Error(
+            f"{path}: raw split not found; run the download stage first (dvc repro download)"
+        )
+    if path.stat().st_size == 0:
+        return datasets.Dataset.from_dict({"text": []})
+    features = datasets.Features({"text": datasets.Value("string")})
+    try:
+        ds = datasets.Dataset.from_json(str(path), features=features, cache_dir=str(cache_dir))
+    except Exception as e:
+        disk = _os_error(e)
+        if disk is not None:  # e.g. the disk filled up under the datasets cache
+            raise write_error(disk.filename or cache_dir, disk) from None
+        raise _first_bad_raw_line(path) from None  # pyarrow's message has no line number
+    if ds.data.column("text").null_count:
+        raise _first_bad_raw_line(path)
+    return ds
 
 
 def tokenize_split(
@@ -39,41 +89,64 @@ def tokenize_split(
     out_path: str | os.PathLike[str],
     *,
     eot: bool = True,
-    num_threads: int = 2,
+    num_proc: int = 2,
     batch_stories: int = 1024,
     progress: bool = True,
 ) -> dict[str, int]:
-    """Stream one split into `out_path` (uint16), EOT after every story; returns counts."""
-    from tqdm import tqdm
+    """One split -> `out_path` (uint16), EOT after every story; returns counts.
 
-    enc = get_encoding()
-    source = split_path(raw_dir, split)
-    n_tokens = n_stories = n_bytes = 0
-    size = source.stat().st_size if source.exists() else 0
-    with (
-        atomic_path(out_path) as tmp,
-        open(tmp, "wb") as f,
-        tqdm(
-            total=size, unit="B", unit_scale=True, desc=f"tokenize {split}", disable=not progress
-        ) as bar,
-    ):
-        for texts in _batched(read_split(raw_dir, split), batch_stories):
-            ids = enc.encode_ordinary_batch(texts, num_threads=num_threads)
-            chunk: list[int] = []
-            for story in ids:
-                chunk.extend(story)
-                if eot:
-                    chunk.append(EOT_ID)
-            np.asarray(chunk, dtype=np.uint16).tofile(f)
-            n_tokens += len(chunk)
-            n_stories += len(texts)
-            b = sum(len(t.encode("utf-8")) for t in texts)
-            n_bytes += b
-            bar.update(b)
-    if n_stories == 0:
-        Path(out_path).unlink(missing_ok=True)
-        raise Gemma3Error(f"{source}: no stories in the {split} split; check data.source")
-    return {"tokens": n_tokens, "stories": n_stories, "bytes": n_bytes}
+    `datasets.map(batched=True, num_proc=...)` encodes in worker processes; the ids are then
+    written in order, one batch of stories at a time (never the whole split in memory), so the
+    file is the same for any `num_proc`.
+    """
+    import datasets
+    import pyarrow.compute as pc
+
+    out_path = Path(out_path)
+    cache = out_path.parent / f".datasets-cache-{split}"
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        quiet_datasets()  # reading the raw file is quick; the encoding has a progress bar
+        ds = load_raw_split(raw_dir, split, cache)
+        if len(ds) == 0:
+            raise Gemma3Error(
+                f"{split_path(raw_dir, split)}: no stories in the {split} split; check data.source"
+            )
+        if progress:
+            datasets.enable_progress_bars()
+        # Worker processes cost about a second to start: not worth it for a split that fills
+        # fewer than two batches per process. The output is the same either way.
+        procs = num_proc if len(ds) >= 2 * num_proc * batch_stories else 1
+        get_encoding()  # built here once: forked workers inherit it instead of each building it
+        ids = ds.map(
+            _encode_batch,
+            batched=True,
+            batch_size=batch_stories,
+            num_proc=procs if procs > 1 else None,
+            fn_kwargs={"eot": eot},
+            remove_columns=["text"],
+            features=datasets.Features(
+                {"ids": datasets.List(datasets.Value("uint16")), "n_bytes": datasets.Value("int64")}
+            ),
+            desc=f"tokenize {split}",
+        )
+        n_tokens = 0
+        try:
+            with atomic_path(out_path) as tmp, open(tmp, "wb") as f:
+                for batch in ids.with_format("arrow").iter(batch_size=max(batch_stories, 8192)):
+                    flat = pc.list_flatten(batch.column("ids")).to_numpy(zero_copy_only=False)
+                    f.write(np.ascontiguousarray(flat, dtype=np.uint16).tobytes())
+                    n_tokens += len(flat)
+        except OSError as e:  # disk full: name the file, keep the previous tokens
+            raise write_error(out_path, e) from None
+        n_bytes = int(pc.sum(ids.data.column("n_bytes")).as_py() or 0)
+        return {"tokens": n_tokens, "stories": len(ds), "bytes": n_bytes}
+    except OSError as e:  # the datasets cache could not be written (disk full)
+        if e.errno is None:
+            raise
+        raise write_error(e.filename or cache, e) from None
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def tokenize_raw(
@@ -81,7 +154,7 @@ def tokenize_raw(
     out_dir: str | os.PathLike[str],
     *,
     eot: bool = True,
-    num_threads: int = 2,
+    num_proc: int = 2,
     batch_stories: int = 1024,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -94,7 +167,7 @@ def tokenize_raw(
             split,
             out_dir / f"{split}.bin",
             eot=eot,
-            num_threads=num_threads,
+            num_proc=num_proc,
             batch_stories=batch_stories,
             progress=progress,
         )
