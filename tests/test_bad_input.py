@@ -95,8 +95,11 @@ EARLIER_OUTPUTS = {
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_workspace(tmp_path_factory.mktemp("template"))
+
+
+def build_workspace(root: Path) -> Path:
     """A complete workspace, built in-process once per module (no tokenizer, no training)."""
-    root = tmp_path_factory.mktemp("template")
     write_params(root)
     write_tokens(root)
     raw = root / "data" / "raw"
