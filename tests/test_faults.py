@@ -16,8 +16,18 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from gemma3.config import Config
 from tests.project import write_params
-from tests.test_bad_input import CKPT, STATE, assert_clean_error, build_workspace, run, snapshot
+from tests.test_bad_input import (
+    CKPT,
+    CKPT_CFG,
+    GEN,
+    STATE,
+    assert_clean_error,
+    build_workspace,
+    run,
+    snapshot,
+)
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +181,18 @@ def test_full_disk_at_a_single_file_write_names_the_file(ws: Path) -> None:
     full = run_with_fault(ws, "evaluate", "eval.json", "enospc", at=1)
     needles = ("OSError: [Errno 28] No space left on device: 'metrics/eval.json'",)
     assert_clean_error(full, "evaluate", needles, root=ws, before=before, code=1)
+
+
+def test_checkpoint_larger_than_free_memory_is_one_line_naming_its_size(ws: Path) -> None:
+    """A consistent checkpoint too big for this machine: refused before allocating, naming the
+    size (the machine's free memory is faked to 1 MB; the model needs ~7 MB in float32)."""
+    before = snapshot(ws)
+    code = (
+        "import gemma3.hf, runpy; gemma3.hf._available_memory = lambda: 1_000_000; "
+        "runpy.run_module('gemma3.cli', run_name='__main__')"
+    )
+    proc = run(ws, "python", "-c", code, *GEN)
+    n = Config.param_counts(CKPT_CFG)["total"]
+    needles = (f"checkpoints/best/config.json: the model it describes has {n:,} parameters",
+               "more than the 0.0 GB of memory available")  # fmt: skip
+    assert_clean_error(proc, "gemma3", needles, root=ws, before=before)
