@@ -121,3 +121,25 @@ def test_failed_repro_leaves_previous_outputs_intact(
     later = order[order.index(stage) + 1 :]
     assert f"Running stage '{stage}'" in proc.stdout, proc.stdout
     assert not [s for s in later if f"Running stage '{s}'" in proc.stdout], proc.stdout
+
+
+def test_failed_download_removes_data_raw_and_dvc_checkout_restores_it(
+    baseline: Path, tmp_path: Path
+) -> None:
+    """data/raw and data/tokens are deliberately not persistent (their stages keep DVC's
+    run-cache): a failed download removes data/raw, and `dvc checkout` brings it back from the
+    cache, byte for byte, while train's outputs were never touched."""
+    repo = tmp_path / "repo"
+    shutil.copytree(baseline, repo, symlinks=True)
+    before = snapshot(repo, KEPT + DATA)
+    (repo / "stories.txt").write_bytes(b"A story.\n<|endoftext|>\nCaf\xe9 story.\n")
+    set_params(repo, {"data": {"source": "stories.txt"}})
+
+    proc = sh(["dvc", "repro"], repo, check=False)
+
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "download: error: stories.txt:3: not valid UTF-8" in proc.stderr, proc.stderr
+    assert not (repo / "data/raw").exists()
+    assert snapshot(repo, KEPT) == {k: v for k, v in before.items() if k.startswith(KEPT)}
+    sh(["dvc", "checkout", "data/raw"], repo)
+    assert snapshot(repo, KEPT + DATA) == before
