@@ -366,7 +366,14 @@ def check_prompt_lengths(prompts: list[str], context_length: int, file: str) -> 
     bytes long are encoded (the tokenizer costs a fraction of a second to load).
     """
     for i, prompt in enumerate(prompts):
-        if len(prompt.encode("utf-8", "surrogatepass")) < context_length:
+        try:
+            n_bytes = len(prompt.encode("utf-8"))
+        except UnicodeEncodeError as e:  # "\ud800" in YAML: no text, and samples.md cannot hold it
+            raise Gemma3Error(
+                f"{file}: sample.prompts[{i}]: {prompt[e.start]!r} at character {e.start} is a "
+                "lone UTF-16 surrogate, not a character; remove it"
+            ) from None
+        if n_bytes < context_length:
             continue
         from gemma3.tokenizer import encode
 

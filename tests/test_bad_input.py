@@ -573,6 +573,12 @@ PARAMS_CASES = [
         "sample.prompts[1]: prompt has 1100 tokens; the model's context_length is 1024",
     ),
     case(
+        "params-prompt-with-a-lone-surrogate",  # YAML's "\ud800"; samples.md could not hold it
+        "download",
+        params(sample={"prompts": ["Once upon a \ud800 time"]}),
+        "sample.prompts[0]: '\\ud800' at character 12 is a lone UTF-16 surrogate",
+    ),
+    case(
         "params-batch-larger-than-the-data",
         "train",
         params(train={"batch_size": 1000}),
