@@ -173,7 +173,8 @@ def test_kill_during_a_single_file_write_keeps_the_previous_file(ws: Path, point
     # The only other trace is the killed writer's temp file, never under the final name.
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     assert all(Path(k).name.startswith(".eval.json.") for k in changed), changed
-    assert run(ws, "evaluate").returncode == 0  # the next run writes over it
+    if point == "write":  # the leftover temp file does not stop the next run (once is enough)
+        assert run(ws, "evaluate").returncode == 0
 
 
 def test_full_disk_at_a_single_file_write_names_the_file(ws: Path) -> None:
