@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from gemma3.config import FULL, SLIDING, Config, ConfigError
 from gemma3.errors import Gemma3Error
-from gemma3.io import atomic_dir, atomic_write_json
+from gemma3.io import atomic_dir, atomic_write_json, recover_dir
 from gemma3.model import Gemma3ForCausalLM
 from gemma3.tokenizer import EOT_ID, write_hf_tokenizer_files
 
@@ -238,6 +238,7 @@ def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 def load_config(directory: str | os.PathLike[str], vocab_pad_multiple: int = 1) -> Config:
     directory = Path(directory)
+    recover_dir(directory)  # a save killed between its two renames left it as .<name>.old
     if not directory.is_dir():
         raise Gemma3Error(
             f"{directory}: checkpoint directory not found (train first, or dvc pull it)"
@@ -275,13 +276,103 @@ def load_checkpoint(
         raise Gemma3Error(
             f"{weights}: missing; the checkpoint is incomplete (re-run training or dvc pull)"
         )
+    check_weights_header(cfg, weights)  # names, shapes, dtypes: before anything is allocated
+    check_fits_in_memory(cfg, weights)
     try:
         sd = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise Gemma3Error(f"{weights}: unreadable or truncated safetensors file ({e})") from None
-    model = Gemma3ForCausalLM(cfg)
+    check_finite(sd, weights)
+    try:
+        model = Gemma3ForCausalLM(cfg)
+    except RuntimeError as e:  # torch reports a failed allocation as RuntimeError, not MemoryError
+        if "memory" not in str(e).lower():
+            raise
+        raise Gemma3Error(_too_big(cfg, weights, "torch could not allocate it")) from None
     load_hf_state_dict(model, sd, source=str(weights))
     model = model.to(device=device)
     if dtype is not None:
         model = model.to(dtype=dtype)
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks on a checkpoint before and after its weights are read (each a one-line Gemma3Error)
+# ---------------------------------------------------------------------------------------------
+
+# What a checkpoint may store. float16 is refused rather than cast: Gemma 3's activations overflow
+# float16, and a silent cast would hide an integer or half-precision file that is not ours.
+WEIGHT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16}
+_DTYPE_NAMES = {"F16": "float16", "F64": "float64", "I64": "int64", "I32": "int32", "I8": "int8"}
+
+
+def check_weights_header(cfg: Config, weights: Path) -> None:
+    """Tensor names, shapes and dtypes from the safetensors header against `cfg`, on the meta
+    device: a config.json asking for a huge model fails here without allocating it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            names = f.keys()
+            header = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in names}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise Gemma3Error(f"{weights}: unreadable or truncated safetensors file ({e})") from None
+    for key in sorted(header):
+        dtype = header[key][0]
+        if dtype not in WEIGHT_DTYPES:
+            name = _DTYPE_NAMES.get(dtype, dtype)
+            raise Gemma3Error(
+                f"{weights}: {key} is {name}; checkpoints hold float32 or bfloat16 weights "
+                "(a float16 or integer file is refused, not cast: convert it to float32 or bfloat16)"
+            )
+    with torch.device("meta"):
+        meta_model = Gemma3ForCausalLM(cfg)
+        meta_sd = {
+            k: torch.empty(shape, dtype=WEIGHT_DTYPES[dtype])
+            for k, (dtype, shape) in header.items()
+        }
+    load_hf_state_dict(meta_model, meta_sd, source=str(weights))
+
+
+def _available_memory() -> int | None:
+    """Bytes of RAM a new allocation can get now (Linux MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _too_big(cfg: Config, weights: Path, why: str) -> str:
+    n = cfg.param_counts()["total"]
+    return (
+        f"{weights.parent / HF_CONFIG}: the model it describes has {n:,} parameters "
+        f"(hidden_size {cfg.emb_dim}, intermediate_size {cfg.hidden_dim}, "
+        f"{cfg.n_layers} layers: {4 * n / 1e9:,.1f} GB in float32); {why}"
+    )
+
+
+def check_fits_in_memory(cfg: Config, weights: Path) -> None:
+    """The float32 model plus the file's tensors must fit in the RAM available now."""
+    n = cfg.param_counts()["total"]
+    need = 4 * n + weights.stat().st_size
+    free = _available_memory()
+    if free is not None and need > free:
+        raise Gemma3Error(
+            _too_big(cfg, weights, f"loading it needs about {need / 1e9:,.1f} GB, "
+                     f"more than the {free / 1e9:,.1f} GB of memory available")
+        )  # fmt: skip
+
+
+def check_finite(sd: dict[str, torch.Tensor], weights: Path) -> None:
+    """NaN/Inf weights (a diverged or corrupted run) would generate '!!!!' without an error."""
+    for key in sorted(sd):
+        bad = int((~torch.isfinite(sd[key])).sum())
+        if bad:
+            raise Gemma3Error(
+                f"{weights}: {key} has {bad:,} NaN/Inf value(s); the checkpoint is corrupt "
+                "(a diverged run?): retrain, or dvc pull / dvc checkout checkpoints/best"
+            )

@@ -40,9 +40,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        _raise_naming(e, path)
         raise
 
 
@@ -59,15 +60,22 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def recover_dir(path: str | os.PathLike[str]) -> None:
+    """Put back a directory that a writer killed between `atomic_dir`'s two renames left only
+    under `.<name>.old`; readers call this before looking for `path`."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if old.is_dir() and not path.exists():
+        os.replace(old, path)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a fresh temporary directory; on success it replaces `path` (old one removed after)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     old = path.with_name(f".{path.name}.old")
-    # A writer killed between its two renames left the previous version only under `old`.
-    if old.exists() and not path.exists():
-        os.replace(old, path)
+    recover_dir(path)
     # Leftovers of a writer that was killed mid-write (never visible under the final name).
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -89,10 +97,11 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         _fsync_dir(path.parent)
         if moved:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if moved and not path.exists():
             os.replace(old, path)  # the new version never arrived: put the previous one back
+        _raise_naming(e, path)
         raise
 
 
@@ -103,3 +112,10 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _raise_naming(e: BaseException, path: Path) -> None:
+    """A write that fails with an errno but no file name (a full disk: `write()` names none)
+    is re-raised naming the file being written, so the one-line error says where."""
+    if isinstance(e, OSError) and e.errno is not None and e.filename is None:
+        raise OSError(e.errno, e.strerror, str(path)) from e

@@ -127,6 +127,8 @@ class Params:
                 self.model.preset,
                 **{"vocab_pad_multiple": vocab_pad_multiple, **self.model.overrides},
             )
+        except TypeError:  # an override that names a from_name argument ("name")
+            raise Gemma3Error(_bad_override(self.model.overrides)) from None
         except ConfigError as e:
             field_name = "preset" if e.field == "preset" else f"overrides.{e.field}"
             raise Gemma3Error(
@@ -309,8 +311,12 @@ def load_params(
         raise Gemma3Error(f"{path}: not found; run from the repository root (where dvc.yaml is)")
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=ParamsLoader)  # noqa: S506
+    except DuplicateKeyError as e:
+        raise Gemma3Error(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise Gemma3Error(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    except UnicodeDecodeError as e:
+        raise Gemma3Error(_not_utf8(path, e)) from None
     if not isinstance(raw, dict):
         raise Gemma3Error(f"{path}: must be a mapping of sections ({', '.join(REQUIRED_SECTIONS)})")
     for section in sections:
@@ -332,4 +338,108 @@ def load_params(
             kwargs[key] = value
     params = Params(**kwargs)
     _check_values(params, str(path))
+    check_ranges(params, str(path))
     return params
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks that need more than one field (a hostile run found each as a traceback or a late failure)
+# ---------------------------------------------------------------------------------------------
+
+# Seeds feed torch.manual_seed, numpy's default_rng and random.Random; an unsigned 32-bit range
+# is valid for all of them (also with the sample stage's `sample.seed + i` per prompt).
+MAX_SEED = 2**32 - 1
+
+
+def _bad_override(overrides: dict[str, Any]) -> str:
+    """`model.overrides` naming an argument of `Config.from_name` itself (only `name` today)."""
+    key = "name" if "name" in overrides else next(iter(overrides), "?")
+    return (
+        f"params.yaml: model.overrides.{key}: cannot be overridden "
+        "(the preset names the model; choose it with model.preset)"
+    )
+
+
+def check_ranges(p: Params, file: str) -> None:
+    """Whole-file checks every stage runs up front, so the first stage that runs fails instead
+    of a late one (under `dvc repro`, after earlier stages already replaced their outputs)."""
+    for key, seed in (("seed", p.seed), ("sample.seed", p.sample.seed)):
+        if not 0 <= seed <= MAX_SEED:
+            raise Gemma3Error(f"{file}: {key}: must be an integer in [0, {MAX_SEED}], got {seed}")
+    check_prompt_lengths(p.sample.prompts, p.model_config().context_length, file)
+
+
+def check_prompt_lengths(prompts: list[str], context_length: int, file: str) -> None:
+    """`sample.prompts` must leave room for one new token in the model's context.
+
+    GPT-2 BPE gives at most one token per UTF-8 byte, so only prompts at least `context_length`
+    bytes long are encoded (the tokenizer costs a fraction of a second to load).
+    """
+    for i, prompt in enumerate(prompts):
+        try:
+            n_bytes = len(prompt.encode("utf-8"))
+        except UnicodeEncodeError as e:  # "\ud800" in YAML: no text, and samples.md cannot hold it
+            raise Gemma3Error(
+                f"{file}: sample.prompts[{i}]: {prompt[e.start]!r} at character {e.start} is a "
+                "lone UTF-16 surrogate, not a character; remove it"
+            ) from None
+        if n_bytes < context_length:
+            continue
+        from gemma3.tokenizer import encode
+
+        n = len(encode(prompt))
+        if n >= context_length:
+            raise Gemma3Error(
+                f"{file}: sample.prompts[{i}]: prompt has {n} tokens; the model's context_length "
+                f"is {context_length} (shorten the prompt or raise model.overrides.context_length)"
+            )
+
+
+def _not_utf8(path: Path, e: UnicodeDecodeError) -> str:
+    line = e.object[: e.start].count(b"\n") + 1
+    return (
+        f"{path}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} on line {line}); save it as UTF-8"
+    )
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A key given twice in one mapping of params.yaml."""
+
+
+def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    """A mapping that refuses a key given twice: YAML keeps the last, silently dropping the first."""
+    loader.flatten_mapping(node)
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, typing.Hashable) and key in seen:
+            raise DuplicateKeyError(
+                f"line {key_node.start_mark.line + 1}: duplicate key {key!r} (first on line "
+                f"{seen[key] + 1}); YAML would silently keep the last one, so delete one"
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=True)
+
+
+ParamsLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
+)
+
+
+def check_token_counts(p: Params, tokens: dict[str, int], where: str) -> None:
+    """The tokenize stage's check that the train stage will find enough tokens for one batch and
+    one validation window; it runs before the new tokens replace the old ones."""
+    t = p.train
+    need = {"train": t.batch_size * t.block_size + 1, "validation": t.block_size + 1}
+    for split, n_min in need.items():
+        n = tokens[split]
+        if n < n_min:
+            what = (
+                f"one batch (train.batch_size {t.batch_size} x train.block_size {t.block_size}) + 1"
+                if split == "train"
+                else f"one window (train.block_size {t.block_size}) + 1"
+            )
+            raise Gemma3Error(
+                f"{where}/{split}.bin: {n:,} tokens is fewer than {what} = {n_min:,}; "
+                "use more data or a smaller batch/block"
+            )

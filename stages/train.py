@@ -6,6 +6,7 @@ Runs as `python -m stages.train`, or `torchrun --nproc_per_node=N -m stages.trai
 from pathlib import Path
 
 from gemma3.errors import run_main
+from gemma3.io import recover_dir
 from gemma3.params import load_params
 from gemma3.train import TrainPaths, train
 
@@ -20,6 +21,8 @@ PATHS = TrainPaths(
 
 def main() -> None:
     p = load_params()
+    for directory in (PATHS.best_dir, PATHS.state_dir):
+        recover_dir(directory)  # a save killed between its two renames left it as .<name>.old
 
     def tracker(run_id, runtime, cfg):
         from gemma3.tracking import start_run

@@ -35,7 +35,7 @@ import pytest
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import gemma3.hf
 from gemma3.config import FULL, SLIDING, Config
@@ -95,8 +95,11 @@ EARLIER_OUTPUTS = {
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_workspace(tmp_path_factory.mktemp("template"))
+
+
+def build_workspace(root: Path) -> Path:
     """A complete workspace, built in-process once per module (no tokenizer, no training)."""
-    root = tmp_path_factory.mktemp("template")
     write_params(root)
     write_tokens(root)
     raw = root / "data" / "raw"
@@ -268,6 +271,21 @@ def edit_json(rel: str, fn: Callable[[dict[str, Any]], Any]) -> Setup:
         d = json.loads(path.read_text(encoding="utf-8"))
         fn(d)
         path.write_text(json.dumps(d), encoding="utf-8")
+
+    return setup
+
+
+QNORM = "model.layers.0.self_attn.q_norm.weight"
+
+
+def edit_weights(fn: Callable[[dict[str, torch.Tensor]], Any]) -> Setup:
+    """Change the checkpoint's tensors in place (values or dtypes), keeping its config."""
+
+    def setup(root: Path) -> None:
+        path = root / CKPT / "model.safetensors"
+        sd = load_file(str(path))
+        fn(sd)
+        save_file(sd, str(path))
 
     return setup
 
@@ -511,12 +529,82 @@ PARAMS_CASES = [
         "data.source: 'tinystories' is not 'synthetic'",
     ),
     case(
+        "params-seed-negative",
+        "download",
+        params(seed=-1),
+        "params.yaml: seed: must be an integer in [0, 4294967295], got -1",
+    ),
+    case(
+        "params-seed-too-large",
+        "download",
+        params(seed=2**70),
+        "seed: must be an integer in [0, 4294967295], got 1180591620717411303424",
+    ),
+    case(
+        "params-sample-seed-too-large",
+        "download",
+        params(sample={"seed": 2**70}),
+        "sample.seed: must be an integer in [0, 4294967295]",
+    ),
+    case(
+        "params-override-of-the-model-name",
+        "download",
+        params(model={"overrides": {"name": "mine"}}),
+        "model.overrides.name: cannot be overridden",
+        "model.preset",
+    ),
+    case(
+        "params-not-utf8",
+        "download",
+        append("params.yaml", b"# caf\xe9\n"),
+        "params.yaml: not valid UTF-8 (byte 0xe9 on line",
+    ),
+    case(
+        "params-duplicate-key",
+        "download",
+        append("params.yaml", b"seed: 7\n"),
+        "params.yaml: line",
+        "duplicate key 'seed' (first on line 1)",
+    ),
+    case(
+        "params-prompt-longer-than-context",
+        "download",
+        params(sample={"prompts": ["Once upon a time", "dog" + " dog" * 1099]}),
+        "sample.prompts[1]: prompt has 1100 tokens; the model's context_length is 1024",
+    ),
+    case(
+        "params-prompt-with-a-lone-surrogate",  # YAML's "\ud800"; samples.md could not hold it
+        "download",
+        params(sample={"prompts": ["Once upon a \ud800 time"]}),
+        "sample.prompts[0]: '\\ud800' at character 12 is a lone UTF-16 surrogate",
+    ),
+    case(
         "params-batch-larger-than-the-data",
         "train",
         params(train={"batch_size": 1000}),
         "data/tokens/train.bin: 20,000 tokens is fewer than one batch",
         "train.batch_size 1000 x train.block_size 32",
     ),
+]
+
+# Every stage validates the whole file up front, whichever section it reads: `seed: -1` used to
+# pass download (and every stage after it) and crash train with a traceback.
+EVERY_STAGE_CASES = [
+    case(
+        f"{stage}-validates-every-section",
+        stage,
+        params(seed=-1),
+        "params.yaml: seed: must be an integer in [0, 4294967295], got -1",
+    )
+    for stage in STAGES
+] + [
+    # Rejected by the first stage that runs, not by sample after training (README).
+    case(
+        "train-rejects-a-prompt-longer-than-context",
+        "train",
+        params(sample={"prompts": ["dog" + " dog" * 1099]}),
+        "sample.prompts[0]: prompt has 1100 tokens; the model's context_length is 1024",
+    )
 ]
 
 DATA_CASES = [
@@ -641,6 +729,18 @@ BROKEN_CHECKPOINTS = {
         "config expects (32, 128)",
     ),
 }
+BROKEN_CHECKPOINTS |= {
+    # Would allocate 50,257 x 10M floats (2 TB) before noticing: named from the file's header.
+    "config-asks-for-a-huge-model": (
+        edit_json(f"{CKPT}/config.json", lambda d: d.update(hidden_size=10_000_000)),
+        "checkpoints/best/model.safetensors: model.embed_tokens.weight has shape (50257, 32), "
+        "config expects (50257, 10000000)",
+    ),
+    "nan-weights": (
+        edit_weights(lambda sd: sd["model.layers.1.mlp.up_proj.weight"][0, :3].fill_(math.nan)),
+        "checkpoints/best/model.safetensors: model.layers.1.mlp.up_proj.weight has 3 NaN/Inf",
+    ),
+}
 CHECKPOINT_ENTRIES = {"evaluate": (), "sample": (), "gemma3": GEN}
 CHECKPOINT_CASES = [
     case(f"{entry}-{kind}", entry, broken[0], *broken[1:], args=args)
@@ -652,6 +752,28 @@ CHECKPOINT_CASES = [
         "gemma3",
         edit_json(f"{CKPT}/config.json", lambda d: d.update(head_dim=15)),
         "checkpoints/best/config.json: model.head_dim: must be even",
+        args=GEN,
+    ),
+    case(
+        "generate-inf-weight",
+        "gemma3",
+        edit_weights(lambda sd: sd["model.norm.weight"][5:6].fill_(-math.inf)),
+        "model.norm.weight has 1 NaN/Inf value(s); the checkpoint is corrupt",
+        args=GEN,
+    ),
+    case(
+        "generate-int64-weights",
+        "gemma3",
+        edit_weights(lambda sd: sd.update({QNORM: sd[QNORM].long()})),
+        f"checkpoints/best/model.safetensors: {QNORM} is int64; checkpoints hold float32 or "
+        "bfloat16 weights",
+        args=GEN,
+    ),
+    case(
+        "generate-float16-weights",
+        "gemma3",
+        edit_weights(lambda sd: sd.update({k: v.half() for k, v in sd.items()})),
+        "model.embed_tokens.weight is float16; checkpoints hold float32 or bfloat16 weights",
         args=GEN,
     ),
     case(
@@ -902,7 +1024,7 @@ def test_empty_prompt_starts_a_new_story(ws: Path) -> None:
 
 @pytest.mark.parametrize(
     "entry,setup,needles,args,code",
-    PARAMS_CASES + DATA_CASES + RESUME_CASES + CHECKPOINT_CASES + CLI_CASES,
+    PARAMS_CASES + EVERY_STAGE_CASES + DATA_CASES + RESUME_CASES + CHECKPOINT_CASES + CLI_CASES,
 )
 def test_bad_input_fails_in_one_line_and_changes_nothing(
     ws: Path,

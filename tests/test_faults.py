@@ -1,0 +1,199 @@
+"""Writes interrupted at a chosen point, deterministically, through the stage entry points.
+
+A hook (`FAULT`, run before `gemma3` is imported) makes the process SIGKILL itself at one point
+of one write: half-way through the tensor file, at the fsync, or at either rename that puts a new
+version in place. The previous version must then be what the next reader sees, byte for byte,
+and the next run must carry on from it. A full disk (ENOSPC) at a write names the file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from gemma3.config import Config
+from tests.project import write_params
+from tests.test_bad_input import (
+    CKPT,
+    CKPT_CFG,
+    GEN,
+    STATE,
+    assert_clean_error,
+    build_workspace,
+    run,
+    snapshot,
+)
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_workspace(tmp_path_factory.mktemp("template"))
+
+
+@pytest.fixture
+def ws(template: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "ws"
+    shutil.copytree(template, root)
+    return root
+
+
+# FAULT_TARGET: the name of the file or directory whose write is interrupted; FAULT_AT: which of
+# its writes (1 = the first); FAULT_POINT: where. The hook counts writes by the temp file or
+# directory each one creates (`.<name>.XXXX.tmp`).
+FAULT = """
+import errno, os, pathlib, signal, tempfile
+import safetensors.torch
+
+target, point, at = os.environ["FAULT_TARGET"], os.environ["FAULT_POINT"], int(os.environ["FAULT_AT"])
+seen = []
+_mkstemp, _mkdtemp, _replace = tempfile.mkstemp, tempfile.mkdtemp, os.replace
+_fsync, _save, _write_bytes = os.fsync, safetensors.torch.save_file, pathlib.Path.write_bytes
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def count(fn):
+    def wrapped(*a, **kw):
+        out = fn(*a, **kw)
+        path = out[1] if isinstance(out, tuple) else out
+        name = pathlib.Path(path).name  # .<target>.XXXXXXXX.tmp, not .<target>.json.XXXX.tmp
+        if name.startswith(f".{target}.") and "." not in name[len(target) + 2 : -len(".tmp")]:
+            seen.append(os.path.abspath(path))
+        return out
+    return wrapped
+
+tempfile.mkstemp, tempfile.mkdtemp = count(_mkstemp), count(_mkdtemp)
+
+def in_write(path):  # a file inside the armed temp dir, or the armed temp file itself
+    p = pathlib.Path(os.path.abspath(path))
+    return len(seen) == at and seen[-1] in (str(p), str(p.parent))
+
+def save_file(tensors, filename, metadata=None):
+    if point == "tensors" and in_write(filename):
+        data = safetensors.torch.save(tensors, metadata=metadata)
+        pathlib.Path(filename).write_bytes(data[: len(data) // 2])
+        die()
+    return _save(tensors, filename, metadata=metadata)
+
+def write_bytes(self, data):
+    if point == "write" and in_write(self):
+        _write_bytes(self, data[: len(data) // 2])
+        die()
+    if point == "enospc" and in_write(self):
+        _write_bytes(self, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # write() names no file
+    return _write_bytes(self, data)
+
+def fsync(fd):
+    if point == "fsync" and in_write(os.readlink(f"/proc/self/fd/{fd}")):
+        die()
+    return _fsync(fd)
+
+def replace(src, dst):
+    name = pathlib.Path(dst).name
+    if point == "rename-new-in" and name == target and in_write(src):
+        die()
+    out = _replace(src, dst)
+    if point == "rename-old-away" and name == f".{target}.old" and len(seen) == at:
+        die()
+    return out
+
+safetensors.torch.save_file, pathlib.Path.write_bytes = save_file, write_bytes
+os.fsync, os.replace = fsync, replace
+"""
+
+SHORT = {
+    "max_steps": 6,
+    "warmup_steps": 1,
+    "eval_interval": 2,
+    "eval_batches": 1,
+    "log_interval": 1,
+    "checkpoint_interval": 2,
+}
+
+
+def run_with_fault(root: Path, stage: str, target: str, point: str, at: int):
+    code = FAULT + f"import runpy; runpy.run_module('stages.{stage}', run_name='__main__')"
+    env = {"FAULT_TARGET": target, "FAULT_POINT": point, "FAULT_AT": str(at)}
+    return run(root, "python", "-c", code, extra_env=env)
+
+
+STATE_POINTS = ["tensors", "fsync", "rename-old-away", "rename-new-in"]
+
+
+@pytest.mark.parametrize("point", STATE_POINTS)
+def test_kill_during_the_state_write_keeps_the_previous_state_and_resumes(
+    ws: Path, point: str
+) -> None:
+    """Killed in its second state write (step 4), the run resumes from the first one (step 2)."""
+    write_params(ws, train=SHORT)
+    killed = run_with_fault(ws, "train", "state", point, at=2)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    state = ws / STATE
+    # What the next reader finds: the step-2 state, whole (the reader puts a swapped-out
+    # directory back first, as the train stage does).
+    resumed = run(ws, "train")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {STATE} at step 2/6" in resumed.stderr, resumed.stderr
+    assert json.loads((state / "state.json").read_text())["step"] == 6
+    assert len(load_file(str(state / "state.safetensors"))) > 0
+    assert json.loads((ws / "metrics/train.json").read_text())["steps"] == 6
+    leftovers = sorted(p.name for p in (ws / "checkpoints").iterdir())
+    assert leftovers == ["best", "state"], leftovers
+
+
+BEST_POINTS = ["tensors", "rename-old-away", "rename-new-in"]
+
+
+@pytest.mark.parametrize("point", BEST_POINTS)
+def test_kill_during_the_best_checkpoint_write_keeps_the_previous_one(ws: Path, point: str) -> None:
+    """Killed in its second best-checkpoint write (step 4), step 2's checkpoint is what the
+    evaluate stage reads."""
+    write_params(ws, train=SHORT)
+    killed = run_with_fault(ws, "train", "best", point, at=2)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    ev = run(ws, "evaluate")
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads((ws / "metrics/eval.json").read_text())["checkpoint_step"] == 2
+    assert json.loads((ws / CKPT / "gemma3.json").read_text())["step"] == 2
+
+
+@pytest.mark.parametrize("point", ["write", "fsync", "rename-new-in"])
+def test_kill_during_a_single_file_write_keeps_the_previous_file(ws: Path, point: str) -> None:
+    before = snapshot(ws)
+    killed = run_with_fault(ws, "evaluate", "eval.json", point, at=1)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    after = snapshot(ws)
+    assert after["metrics/eval.json"] == before["metrics/eval.json"]
+    # The only other trace is the killed writer's temp file, never under the final name.
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert all(Path(k).name.startswith(".eval.json.") for k in changed), changed
+    if point == "write":  # the leftover temp file does not stop the next run (once is enough)
+        assert run(ws, "evaluate").returncode == 0
+
+
+def test_full_disk_at_a_single_file_write_names_the_file(ws: Path) -> None:
+    before = snapshot(ws)
+    full = run_with_fault(ws, "evaluate", "eval.json", "enospc", at=1)
+    needles = ("OSError: [Errno 28] No space left on device: 'metrics/eval.json'",)
+    assert_clean_error(full, "evaluate", needles, root=ws, before=before, code=1)
+
+
+def test_checkpoint_larger_than_free_memory_is_one_line_naming_its_size(ws: Path) -> None:
+    """A consistent checkpoint too big for this machine: refused before allocating, naming the
+    size (the machine's free memory is faked to 1 MB; the model needs ~7 MB in float32)."""
+    before = snapshot(ws)
+    code = (
+        "import gemma3.hf, runpy; gemma3.hf._available_memory = lambda: 1_000_000; "
+        "runpy.run_module('gemma3.cli', run_name='__main__')"
+    )
+    proc = run(ws, "python", "-c", code, *GEN)
+    n = Config.param_counts(CKPT_CFG)["total"]
+    needles = (f"checkpoints/best/config.json: the model it describes has {n:,} parameters",
+               "more than the 0.0 GB of memory available")  # fmt: skip
+    assert_clean_error(proc, "gemma3", needles, root=ws, before=before)
