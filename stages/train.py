@@ -7,6 +7,7 @@ from pathlib import Path
 
 from gemma3.errors import run_main
 from gemma3.params import load_params
+from gemma3.runtime import exit_with_parent
 from gemma3.train import TrainPaths, train
 
 PATHS = TrainPaths(
@@ -19,6 +20,7 @@ PATHS = TrainPaths(
 
 
 def main() -> None:
+    exit_with_parent()  # dvc killed with -9 must not leave this trainer running
     p = load_params()
 
     def tracker(run_id, runtime, cfg):

@@ -137,7 +137,7 @@ def test_presets_follow_gemma3_rules() -> None:
         # Every sixth layer is global; the rest are sliding-window layers.
         expected = tuple(FULL if i % 6 == 5 else SLIDING for i in range(cfg.n_layers))
         assert cfg.layer_types == expected, name
-        assert cfg.n_heads % cfg.n_kv_groups == 0
+        assert cfg.n_heads % cfg.n_kv_heads == 0
         assert Config.from_dict(cfg.to_dict()) == cfg
 
 
@@ -167,7 +167,7 @@ def _with(**changes):
 
 INVALID = [
     # (case id, construction, field the message must name, text it must contain)
-    ("heads-not-divisible", _with(n_heads=4, n_kv_groups=3), "n_heads", "divisible"),
+    ("heads-not-divisible", _with(n_heads=4, n_kv_heads=3), "n_heads", "divisible"),
     ("window-zero", _with(sliding_window=0), "sliding_window", "> 0"),
     ("window-negative", _with(sliding_window=-4), "sliding_window", "> 0"),
     ("odd-head-dim", _with(head_dim=15), "head_dim", "even"),
@@ -186,7 +186,7 @@ INVALID = [
     ("float-as-int", _with(emb_dim=64.0), "emb_dim", "integer"),
     ("non-bool-flag", _with(tie_embeddings="yes"), "tie_embeddings", "true or false"),
     ("nan-eps", _with(rms_norm_eps=float("nan")), "rms_norm_eps", "number"),
-    ("zero-kv-groups", _with(n_kv_groups=0), "n_kv_groups", "> 0"),
+    ("zero-kv-groups", _with(n_kv_heads=0), "n_kv_heads", "> 0"),
 ]
 
 

@@ -18,7 +18,7 @@ import torch
 
 from gemma3.data.raw import SPLITS, read_split, split_path
 from gemma3.errors import Gemma3Error
-from gemma3.io import atomic_path, atomic_write_json
+from gemma3.fileio import atomic_path, atomic_write_json
 from gemma3.tokenizer import EOT_ID, VOCAB_SIZE, get_encoding
 
 
