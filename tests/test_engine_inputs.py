@@ -119,7 +119,11 @@ def test_meta_device_is_one_line(tmp_path, where) -> None:
         cmd += ["--model", str(tmp_path)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert "meta" in proc.stderr.strip().splitlines()[-1]
+    last = proc.stderr.strip().splitlines()[-1]
+    if where == "params":
+        assert last.endswith("train.device: must be one of auto, cpu, cuda, mps, got 'meta'")
+    else:
+        assert "--device: unknown device 'meta'; use auto, cpu, cuda, cuda:N or mps" in last
 
 
 # ---- #11 (a): a fresh run keeps the previous run's files until it writes its own -----------
