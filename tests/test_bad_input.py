@@ -481,12 +481,6 @@ PARAMS_CASES = [
         "model.overrides.sliding_window: must be > 0, got -16",
     ),
     case(
-        "params-vocab-too-large-for-uint16",
-        "download",
-        params(model={"overrides": {"vocab_size": 100_000}}),
-        "model.overrides.vocab_size: must be <= 65536",
-    ),
-    case(
         "params-unknown-device",
         "download",
         params(train={"device": "gpu"}),

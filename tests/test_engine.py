@@ -6,20 +6,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from gemma3.config import Config
 from gemma3.errors import Gemma3Error
 from gemma3.params import Params, load_params
 from gemma3.train import NOT_IN_FINGERPRINT, fingerprint, lr_at, train
-from tests.project import REPO, env, run_stage, stage_cmd, write_params, write_tokens
+from tests.project import REPO
 from tests.test_train import make_project, paths
 
 
