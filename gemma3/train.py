@@ -366,8 +366,6 @@ def setup(p: Params, paths: TrainPaths, rt: Runtime) -> Run:
         torch.backends.cudnn.allow_tf32 = t.tf32
     if rt.is_main:
         warn_about_settings(p)
-        how = " (auto)" if t.precision == "auto" else ""
-        print(f"train: {rt.device}, precision {rt.precision}{how}", file=sys.stderr)
     cfg = p.model_config(vocab_pad_multiple=rt.vocab_pad_multiple)
     data_meta = read_tokens_meta(paths.data_dir)
     train_data, eval_batches = load_data(p, paths, cfg)

@@ -35,7 +35,10 @@ def main() -> None:
 
     metrics = train(p, PATHS, tracker_factory=tracker if p.tracking.enabled else None)
     if metrics:
-        print(f"train: best val loss {metrics['best_val_loss']} at step {metrics['best_step']}")
+        print(
+            f"train: best val loss {metrics['best_val_loss']} at step {metrics['best_step']} "
+            f"({metrics['device']}, {metrics['precision']})"
+        )
 
 
 if __name__ == "__main__":
