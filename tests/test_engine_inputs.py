@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gemma3.config import Config
 from gemma3.fileio import exclusive_lock
@@ -191,3 +192,21 @@ def test_trainer_exits_when_its_parent_is_killed(tmp_path) -> None:
     else:
         os.kill(child, signal.SIGKILL)
         pytest.fail("the trainer outlived its parent")
+
+
+@pytest.mark.slow
+def test_fresh_run_failing_under_dvc_repro_keeps_previous_checkpoints(tmp_path) -> None:
+    from tests.dvcrepo import make_repo, sh
+
+    repo = make_repo(tmp_path / "repo", {"tracking": {"enabled": False}})
+    sh(["dvc", "repro", "train"], repo)
+    best, state = _digest(repo / "checkpoints/best"), _digest(repo / "checkpoints/state")
+    p = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8"))
+    p["train"] |= {"lr": 1e4, "warmup_steps": 0}  # a params change: a fresh run that diverges
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False), encoding="utf-8")
+    proc = sh(["dvc", "repro", "train"], repo, check=False)
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("train: error:")]
+    assert len(errors) == 1 and "is the previous run's, left as it was" in errors[0], proc.stderr
+    assert _digest(repo / "checkpoints/best") == best
+    assert _digest(repo / "checkpoints/state") == state
