@@ -267,6 +267,7 @@ def test_seed_recipe_expands_to_the_seed_values(tmp_path: Path) -> None:
     assert (t.lr, t.min_lr, t.weight_decay, t.grad_clip) == (1e-4, 5e-4, 0.1, 0.5)
     assert (t.beta1, t.beta2, t.eps) == (0.9, 0.95, 1e-9)
     assert t.warmup_steps == 1000 // 32
+    assert t.warmup_start_factor == pytest.approx(1 / 3)  # LinearLR(start_factor=1/3)
     assert t.eval_interval == round(500 / 32)
     assert t.eval_batches == 500
     assert t.precision == "bf16-autocast"
