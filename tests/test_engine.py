@@ -260,3 +260,21 @@ def test_settings_outside_the_trajectory_leave_the_fingerprint(key: str) -> None
     new = (not v) if isinstance(v, bool) else ("cpu" if isinstance(v, str) else v + 1)
     q = dataclasses.replace(p, train=dataclasses.replace(p.train, **{key: new}))
     assert fingerprint(q, meta, 1) == fingerprint(p, meta, 1)
+
+
+def test_named_streams_draw_the_same_windows_as_before_the_rename() -> None:
+    # The streams were numbered (rank=0 for training, rank=1_000_003 for validation); the names
+    # must keep every batch, or a saved state would resume onto different data.
+    import numpy as np
+
+    from gemma3.data.tokens import fixed_batches, sample_batch
+    from tests.project import patterned_tokens
+
+    data = patterned_tokens(5000)
+
+    def old(step: int, key: int) -> torch.Tensor:
+        starts = np.random.default_rng([7, key, step]).integers(0, len(data) - 16, size=3)
+        return torch.from_numpy(np.stack([data[s : s + 16].astype(np.int64) for s in starts]))
+
+    assert torch.equal(sample_batch(data, 3, 16, seed=7, step=5)[0], old(5, 0))
+    assert torch.equal(fixed_batches(data, 2, 3, 16, seed=7)[1][0], old(1, 1_000_003))
