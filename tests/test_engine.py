@@ -218,7 +218,9 @@ def _fingerprint_cases() -> list[tuple[str, object]]:
         else:
             new = v * 2 + 1 if isinstance(v, int) else v * 0.5 + 0.01
         cases.append((f"train.{k}", new))
-    for k in ("emb_dim", "rope_local_base", "rope_base", "sliding_window", "query_pre_attn_scalar"):
+    model_fields = ("emb_dim", "hidden_dim", "head_dim", "n_layers", "context_length")
+    model_fields += ("rope_local_base", "rope_base", "sliding_window", "query_pre_attn_scalar")
+    for k in model_fields + ("rms_norm_eps",):
         cases.append((f"model.{k}", None))
     for k in ("train", "validation", "eot", "vocab_size", "source"):
         cases.append((f"data.{k}", "changed"))
