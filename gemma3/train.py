@@ -647,10 +647,13 @@ def fit(run: Run, state: TrainState, fault_hook: FaultHook | None, bar: Any) -> 
             guard.record(step, loss, grad_norm)
             done, speed.tokens = step + 1, speed.tokens + speed.tokens_per_step
             last = done == t.max_steps
-            stopping = any_rank(stop.signum is not None, rt.dist, rt.device)
             evaluating = done % t.eval_interval == 0 or last
+            due = evaluating or done % t.checkpoint_interval == 0 or done % t.log_interval == 0
+            # Alone: stop after this step. Under DDP ranks agree at report steps (no extra sync).
+            asked = stop.signum is not None
+            stopping = any_rank(asked, rt.dist, rt.device) if due else asked and not rt.dist.active
             saving = done % t.checkpoint_interval == 0 or last or stopping
-            logging = done % t.log_interval == 0 or evaluating or saving
+            logging = due or stopping
             # ---- report: the only host syncs; nothing is saved past a non-finite step ----
             if logging:
                 guard.check(run, state)
