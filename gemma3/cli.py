@@ -33,7 +33,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         (
             "emb / hidden / heads",
             f"{cfg.emb_dim} / {cfg.hidden_dim} / {cfg.n_heads} q, "
-            f"{cfg.n_kv_groups} kv x {cfg.head_dim}",
+            f"{cfg.n_kv_heads} kv x {cfg.head_dim}",
         ),
         ("vocab / context", f"{cfg.vocab_size:,} / {cfg.context_length:,}"),
         ("embedding", f"{c['embedding']:,}"),
@@ -62,16 +62,9 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def _device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
-    import torch
+    from gemma3.runtime import resolve_device
 
-    from gemma3.errors import Gemma3Error
-    from gemma3.train import resolve_device
-
-    device = resolve_device(args.device, source="--device")
-    dtype = _dtype(args.dtype)
-    if dtype == torch.float16 and device.type == "cpu":
-        raise Gemma3Error("--dtype fp16 is not supported on CPU; use fp32 or bf16")
-    return device, dtype
+    return resolve_device(args.device, source="--device"), _dtype(args.dtype)
 
 
 class _Streamer:
@@ -224,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-samples", type=int, default=1)
     gen.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    gen.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (GPU)")
+    gen.add_argument("--dtype", default="fp32", help="fp32 or bf16")
     gen.set_defaults(func=cmd_generate)
 
     exp = sub.add_parser(
@@ -232,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("--model", default="checkpoints/best", help="checkpoint directory")
     exp.add_argument("--out", required=True, help="output directory (replaced atomically)")
-    exp.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
+    exp.add_argument("--dtype", default="fp32", help="fp32 or bf16")
     exp.set_defaults(func=cmd_export_hf)
 
     rec = sub.add_parser("recipe", help="print a named recipe as dvc exp run -S arguments")

@@ -12,12 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gemma3.errors import Gemma3Error
+from gemma3.tokenizer import VOCAB_SIZE
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
-GPT2_VOCAB_SIZE = 50257
-EOT_TOKEN_ID = 50256
 
 
 class ConfigError(Gemma3Error):
@@ -37,14 +36,14 @@ def gemma3_layer_pattern(n_layers: int, sliding_per_full: int = 5) -> tuple[str,
 @dataclass(frozen=True)
 class Config:
     name: str = "custom"
-    vocab_size: int = GPT2_VOCAB_SIZE
+    vocab_size: int = VOCAB_SIZE
     context_length: int = 32768
     emb_dim: int = 640
     n_heads: int = 4
     n_layers: int = 18
     hidden_dim: int = 2048
     head_dim: int = 256
-    n_kv_groups: int = 1
+    n_kv_heads: int = 1  # HF num_key_value_heads; n_heads / n_kv_heads query heads share one
     qk_norm: bool = True
     rope_local_base: float = 10_000.0
     rope_base: float = 1_000_000.0
@@ -105,12 +104,13 @@ class Config:
         return ((self.vocab_size + m - 1) // m) * m
 
     @property
-    def n_kv_heads(self) -> int:
-        return self.n_kv_groups
+    def n_kv_groups(self) -> int:
+        """Old name of n_kv_heads, kept only until model.py reads n_kv_heads."""
+        return self.n_kv_heads
 
     def param_counts(self) -> dict[str, int]:
         """Parameter breakdown at the unpadded vocabulary (what the model 'is', not its storage)."""
-        d, h, hd, kv = self.emb_dim, self.hidden_dim, self.head_dim, self.n_kv_groups
+        d, h, hd, kv = self.emb_dim, self.hidden_dim, self.head_dim, self.n_kv_heads
         attn = d * self.n_heads * hd * 2 + d * kv * hd * 2  # q, o + k, v
         qk_norm = 2 * hd if self.qk_norm else 0
         mlp = 3 * d * h
@@ -165,7 +165,7 @@ class Config:
             "n_layers",
             "hidden_dim",
             "head_dim",
-            "n_kv_groups",
+            "n_kv_heads",
             "sliding_window",
             "vocab_pad_multiple",
         ):
@@ -177,10 +177,16 @@ class Config:
                 raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
         if self.head_dim % 2:
             raise ConfigError("head_dim", f"must be even for RoPE, got {self.head_dim}")
-        if self.n_heads % self.n_kv_groups:
+        if not self.qk_norm:
+            raise ConfigError(
+                "qk_norm",
+                "must be true: Gemma 3 always uses QK-norm and transformers' Gemma 3 has no switch "
+                "to turn it off, so such a model could not be exported or checked against it",
+            )
+        if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 "n_heads",
-                f"({self.n_heads}) must be divisible by n_kv_groups ({self.n_kv_groups})",
+                f"({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})",
             )
         if len(self.layer_types) != self.n_layers:
             raise ConfigError(
@@ -192,25 +198,20 @@ class Config:
                 raise ConfigError(
                     "layer_types", f"entry {i} is {lt!r}; expected one of {', '.join(LAYER_TYPES)}"
                 )
-        if self.vocab_size > 65535 + 1:
-            # Token ids are stored as uint16 memmaps by the data pipeline.
-            raise ConfigError(
-                "vocab_size", f"must be <= 65536 for uint16 data, got {self.vocab_size}"
-            )
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The seed's configuration, exactly (REFERENCE.md section 1). With the GPT-2 vocabulary this
     # is 164.65M parameters untied; the "270M" name comes from Gemma's 262k vocabulary.
     "gemma3-270m": dict(
-        vocab_size=GPT2_VOCAB_SIZE,
+        vocab_size=VOCAB_SIZE,
         context_length=32768,
         emb_dim=640,
         n_heads=4,
         n_layers=18,
         hidden_dim=2048,
         head_dim=256,
-        n_kv_groups=1,
+        n_kv_heads=1,
         qk_norm=True,
         rope_local_base=10_000.0,
         rope_base=1_000_000.0,
@@ -228,7 +229,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_layers=6,
         hidden_dim=768,
         head_dim=48,
-        n_kv_groups=2,
+        n_kv_heads=2,
         sliding_window=64,
         layer_types=gemma3_layer_pattern(6),
         query_pre_attn_scalar=48.0,
@@ -241,7 +242,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_layers=6,
         hidden_dim=256,
         head_dim=16,
-        n_kv_groups=2,
+        n_kv_heads=2,
         sliding_window=16,
         layer_types=gemma3_layer_pattern(6),
         query_pre_attn_scalar=16.0,

@@ -21,10 +21,6 @@ class Gemma3Error(Exception):
     """An error caused by input the user can fix (params, files, flags). Message is one line."""
 
 
-def fail(message: str) -> NoReturn:
-    raise Gemma3Error(message)
-
-
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 

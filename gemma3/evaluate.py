@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any
 
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 
 from gemma3.data.tokens import sequential_windows
 from gemma3.model import Gemma3ForCausalLM
+from gemma3.runtime import autocast
 
 
 @torch.no_grad()
@@ -22,21 +22,19 @@ def evaluate_tokens(
     block_size: int,
     batch_size: int,
     device: torch.device | str = "cpu",
-    autocast_dtype: torch.dtype | None = None,
+    precision: str = "fp32",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Mean cross-entropy (nats/token) over non-overlapping windows; summed, not mean of means."""
+    """Mean cross-entropy (nats/token) over non-overlapping windows; summed, not mean of means.
+
+    `precision` is a resolved `gemma3.runtime` precision, the same policy training used.
+    """
     from tqdm import tqdm
 
     device = torch.device(device)
     model.eval()
     total_nats, total_tokens = 0.0, 0
     n_windows = math.ceil((len(data) - 1) / block_size)
-    ctx = (
-        torch.autocast(device_type="cuda", dtype=autocast_dtype)
-        if autocast_dtype is not None and device.type == "cuda"
-        else contextlib.nullcontext()
-    )
     pending: list[tuple[np.ndarray, np.ndarray]] = []
 
     def flush() -> None:
@@ -44,7 +42,7 @@ def evaluate_tokens(
         # Windows in one batch share a length (only the very last window can be shorter).
         x = torch.from_numpy(np.stack([w[0] for w in pending])).to(device)
         y = torch.from_numpy(np.stack([w[1] for w in pending])).to(device)
-        with ctx:
+        with autocast(precision, device):
             logits, _ = model(x)
         nats = F.cross_entropy(
             logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from gemma3.config import FULL, SLIDING, Config, ConfigError
 from gemma3.errors import Gemma3Error
-from gemma3.io import atomic_dir, atomic_write_json, recover_dir
+from gemma3.fileio import atomic_dir, atomic_write_json, recover_dir
 from gemma3.model import Gemma3ForCausalLM
 from gemma3.tokenizer import EOT_ID, write_hf_tokenizer_files
 
@@ -46,7 +46,7 @@ def to_hf_config(cfg: Config, dtype: torch.dtype = torch.float32) -> dict[str, A
         "intermediate_size": cfg.hidden_dim,
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_groups,
+        "num_key_value_heads": cfg.n_kv_heads,
         "head_dim": cfg.head_dim,
         "hidden_activation": "gelu_pytorch_tanh",
         "max_position_embeddings": cfg.context_length,
@@ -65,8 +65,10 @@ def to_hf_config(cfg: Config, dtype: torch.dtype = torch.float32) -> dict[str, A
         "attn_logit_softcapping": None,
         "use_bidirectional_attention": False,
         "initializer_range": 0.02,
-        # With the GPT-2 vocabulary the default pad id 0 is the real token "!": use <|endoftext|>.
-        "pad_token_id": eot,
+        # No pad token: HF makes pad_token_id the embedding's padding_idx, which never gets a
+        # gradient, and every id here is a real token (0 is "!", <|endoftext|> separates
+        # stories). Batched HF generate pads with generation_config.json's pad_token_id.
+        "pad_token_id": None,
         "bos_token_id": eot,
         "eos_token_id": eot,
         "dtype": str(dtype).removeprefix("torch."),
@@ -96,7 +98,7 @@ def from_hf_config(d: dict[str, Any], name: str = "custom", vocab_pad_multiple: 
             n_layers=n_layers,
             hidden_dim=d["intermediate_size"],
             head_dim=d["head_dim"],
-            n_kv_groups=d["num_key_value_heads"],
+            n_kv_heads=d["num_key_value_heads"],
             rope_local_base=float(local),
             rope_base=float(glob),
             sliding_window=d["sliding_window"],
@@ -170,7 +172,14 @@ def to_transformers(model: Gemma3ForCausalLM) -> Any:
     hf_cfg = to_hf_config(model.config)
     hf_cfg.pop("architectures"), hf_cfg.pop("model_type"), hf_cfg.pop("dtype")
     hf = HFModel(Gemma3TextConfig(**hf_cfg)).eval()
-    hf.load_state_dict(to_hf_state_dict(model), strict=not model.config.tie_embeddings)
+    result = hf.load_state_dict(to_hf_state_dict(model), strict=False)
+    # Only the tied head may be absent (HF ties it below); anything else is a mapping bug.
+    allowed_missing = {"lm_head.weight"} if model.config.tie_embeddings else set()
+    if set(result.missing_keys) - allowed_missing or result.unexpected_keys:
+        raise Gemma3Error(
+            f"transformers model does not match ours: missing {sorted(result.missing_keys)}, "
+            f"unexpected {sorted(result.unexpected_keys)}"
+        )
     if model.config.tie_embeddings:
         hf.tie_weights()
     return hf

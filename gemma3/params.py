@@ -23,12 +23,14 @@ from gemma3.data.hub import PINNED_REVISION
 from gemma3.errors import Gemma3Error
 
 HUB_SOURCE = "roneneldan/TinyStories"
+# train.precision: resolved per machine by gemma3.runtime.resolve_precision.
+PRECISIONS = ("auto", "fp32", "bf16-autocast", "bf16-pure")
 
 
 @dataclass(frozen=True)
 class SyntheticParams:
     n_train: int = 20_000
-    n_val: int = 500
+    n_val: int = 300
 
 
 @dataclass(frozen=True)
@@ -63,26 +65,29 @@ class ModelParams:
 @dataclass(frozen=True)
 class TrainParams:
     device: str = "auto"  # auto = cuda > mps > cpu
-    max_steps: int = 300  # optimizer steps
-    batch_size: int = 16  # sequences per micro-batch (per process)
+    max_steps: int = 150  # optimizer steps
+    batch_size: int = 8  # sequences per micro-batch (per process)
     block_size: int = 128
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 30  # optimizer steps of linear warmup
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 15  # optimizer steps of linear warmup
+    warmup_start_factor: float = 0.0  # first warmup step's lr = lr * (f + (1 - f) / warmup_steps)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     eval_interval: int = 50  # optimizer steps between validation passes
-    eval_batches: int = 20
+    eval_batches: int = 8
     log_interval: int = 10
-    checkpoint_interval: int = 100  # optimizer steps between resumable training states
-    precision: str = "auto"  # auto (bf16 autocast on CUDA), fp32, bf16-autocast, bf16-pure (seed)
-    compile: str = "auto"  # auto (on for CUDA), true, false
+    checkpoint_interval: int = 50  # optimizer steps between resumable training states
+    # auto = bf16 autocast on CUDA and on CPUs with native bf16, else fp32; fp32, bf16-autocast,
+    # bf16-pure (the seed's bf16 weights)
+    precision: str = "auto"
+    compile: bool | str = "auto"  # auto (on for CUDA), true, false
     tf32: bool = True
-    fused_adamw: str = "auto"
+    fused_adamw: bool | str = "auto"  # auto (on where torch has a fused kernel), true, false
     vocab_pad_multiple: int | str = "auto"  # 64 on CUDA (tensor cores), 1 elsewhere
     resume: bool = True  # continue from the last training state when params match
 
@@ -95,8 +100,14 @@ class EvalParams:
 
 @dataclass(frozen=True)
 class SampleParams:
-    prompts: list[str] = field(default_factory=lambda: ["Once upon a time"])
-    max_new_tokens: int = 200
+    prompts: list[str] = field(
+        default_factory=lambda: [
+            "Once upon a time",
+            "One day, a little girl named Lily",
+            "The dog was sad because",
+        ]
+    )
+    max_new_tokens: int = 160
     temperature: float = 0.8
     top_k: int = 200
     top_p: float = 0.95
@@ -162,6 +173,21 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
+SWITCH_WORDS = {"true": True, "false": False}
+
+
+def _switch(value: Any, tp: Any) -> Any:
+    """ "true"/"false" (any case) as booleans where a setting takes true/false.
+
+    YAML reads `true` as a boolean and `'true'` as a string; `dvc exp run -S x=true` writes the
+    former. A user means the same by both, so both are accepted.
+    """
+    accepts_bool = tp is bool or bool in typing.get_args(tp)
+    if accepts_bool and isinstance(value, str) and value.lower() in SWITCH_WORDS:
+        return SWITCH_WORDS[value.lower()]
+    return value
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
@@ -191,6 +217,7 @@ def _build(cls: type, raw: Any, prefix: str, file: str) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, f"{prefix}.{key}", file)
             continue
+        value = _switch(value, tp)
         if not _type_ok(value, tp):
             raise Gemma3Error(f"{file}: {prefix}.{key}: must be {_type_name(tp)}, got {value!r}")
         if tp is float:
@@ -247,16 +274,21 @@ def _check_values(p: Params, file: str) -> None:
         raise err(
             "train.warmup_steps", f"({t.warmup_steps}) exceeds train.max_steps ({t.max_steps})"
         )
+    if not 0 <= t.warmup_start_factor <= 1:
+        raise err(
+            "train.warmup_start_factor", f"must be between 0 and 1, got {t.warmup_start_factor}"
+        )
     choices = {
         "device": ("auto", "cpu", "cuda", "mps"),
-        "precision": ("auto", "fp32", "bf16-autocast", "bf16-pure"),
-        "compile": ("auto", "true", "false"),
-        "fused_adamw": ("auto", "true", "false"),
+        "precision": PRECISIONS,
+        "compile": ("auto", True, False),
+        "fused_adamw": ("auto", True, False),
     }
     for name, allowed in choices.items():
         v = getattr(t, name)
         if v not in allowed and not (name == "device" and str(v).startswith("cuda:")):
-            raise err(f"train.{name}", f"must be one of {', '.join(allowed)}, got {v!r}")
+            words = ", ".join(str(a).lower() for a in allowed)
+            raise err(f"train.{name}", f"must be one of {words}, got {v!r}")
     if t.vocab_pad_multiple != "auto" and (
         not isinstance(t.vocab_pad_multiple, int) or t.vocab_pad_multiple < 1
     ):

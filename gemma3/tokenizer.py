@@ -19,7 +19,7 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
 from gemma3.errors import Gemma3Error
-from gemma3.io import atomic_write_bytes, atomic_write_json
+from gemma3.fileio import atomic_write_bytes, atomic_write_json
 
 EOT = "<|endoftext|>"
 EOT_ID = 50256

@@ -1,13 +1,19 @@
 """The training engine: AdamW + warmup/cosine, grad accumulation, clipping, eval, checkpoints.
 
+Read top to bottom: the pure pieces (schedule, batch order, fingerprint), the state that makes a
+run resumable (`TrainState`), then `train` -> `setup` -> `resume` -> `fit`, which runs
+`train_step` and `log_row` until the last step, and `finish`.
+
 Design choices that make runs reproducible and crash-safe:
 - The learning rate is a pure function of the optimizer step, and the micro-batch for global
   index g comes from `sample_batch(seed, step=g)`. Resuming therefore needs only the step number,
   the weights and the optimizer moments; nothing else about the data order is state.
 - Under torchrun, rank r of w takes global micro-batch g = (step * grad_accum + micro) * w + r,
   so N processes with accumulation A see exactly the batches one process with accumulation N*A
-  would, and gradients (averaged by DDP) match.
-- Everything written (best checkpoint, training state) goes through atomic renames.
+  would, and gradients (averaged by DDP) match. Only rank 0 reads and writes files; it sends the
+  resume decision and the state to the others, so ranks need no shared disk.
+- Everything written (best checkpoint, training state) goes through atomic renames, and a fresh
+  run replaces the previous run's files only when it writes its own.
 """
 
 from __future__ import annotations
@@ -18,16 +24,15 @@ import hashlib
 import io
 import json
 import math
-import os
-import shutil
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
@@ -36,44 +41,55 @@ from safetensors.torch import load_file
 from gemma3.config import Config
 from gemma3.data.tokens import fixed_batches, load_tokens, read_tokens_meta, sample_batch
 from gemma3.errors import Gemma3Error
+from gemma3.fileio import atomic_dir, atomic_write_json, atomic_write_text, exclusive_lock
 from gemma3.hf import save_checkpoint, write_safetensors
-from gemma3.io import atomic_dir, atomic_write_json, atomic_write_text
 from gemma3.model import Gemma3ForCausalLM
 from gemma3.params import Params
-
-PLOT_FIELDS = ("step", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu")
-
-# Dense bf16 peak FLOP/s (no sparsity), matched against torch.cuda.get_device_name().
-PEAK_BF16_FLOPS = (
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("A10G", 125e12),
-    ("A6000", 155e12),
-    ("4090", 165e12),
-    ("3090", 71e12),
+from gemma3.runtime import (
+    Dist,
+    all_reduce_mean,
+    any_rank,
+    autocast,
+    broadcast_object,
+    init_process_group,
+    peak_flops,
+    resolve_device,
+    resolve_precision,
+    warn,
+    weight_dtype,
 )
 
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+PLOT_FIELDS = ("step", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu")
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "state.json"
+Tracker = Any  # gemma3.tracking's run (log_params, log_metrics, log_artifact, finish) or None
+TrackerFactory = Callable[[str | None, "Runtime", Config], Tracker]
+FaultHook = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------------
-# Pieces that are pure functions (tested directly)
+# Pure pieces (tested directly)
 # ---------------------------------------------------------------------------------------------
 
 
-def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+def lr_at(
+    step: int,
+    *,
+    lr: float,
+    min_lr: float,
+    warmup_steps: int,
+    max_steps: int,
+    warmup_start_factor: float = 0.0,
+) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to min_lr.
 
-    With min_lr > lr the "decay" rises from lr to min_lr (the seed's defect, kept visible).
+    Warmup step s runs at lr * (f + (1 - f) * (s + 1) / warmup_steps): f = 0 ramps from
+    lr / warmup_steps, f = 1/3 follows the seed's LinearLR(start_factor=1/3). With min_lr > lr
+    the "decay" rises from lr to min_lr (the seed's defect, kept visible).
     """
     if warmup_steps > 0 and step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
+        f = warmup_start_factor
+        return lr * (f + (1.0 - f) * (step + 1) / warmup_steps)
     decay_steps = max(1, max_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
@@ -98,123 +114,105 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS:
-        if key in name:
-            return flops
-    return None
-
-
-def resolve_device(requested: str, source: str = "params.yaml: train.device") -> torch.device:
-    """The torch device for "auto", "cpu", "cuda", "cuda:N" or "mps"; `source` names the setting."""
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if mps:
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise Gemma3Error(
-            f"{source}: unknown device {requested!r}; use auto, cpu, cuda, cuda:N or mps"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise Gemma3Error(f"{source}: {requested!r} but no CUDA GPU is visible; use auto or cpu")
-    if device.type == "mps" and not mps:
-        raise Gemma3Error(f"{source}: {requested!r} but MPS is not available; use auto or cpu")
-    return device
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Decisions derived from params + hardware (what 'auto' means on this machine)."""
-
-    device: torch.device
-    autocast_dtype: torch.dtype | None
-    pure_bf16: bool
-    compile: bool
-    fused_adamw: bool
-    vocab_pad_multiple: int
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def resolve_runtime(p: Params, rank: int = 0, world_size: int = 1, local_rank: int = 0) -> Runtime:
-    t = p.train
-    device = resolve_device(t.device)
-    if device.type == "cuda" and world_size > 1:
-        device = torch.device("cuda", local_rank)
-    cuda = device.type == "cuda"
-    precision = t.precision if t.precision != "auto" else ("bf16-autocast" if cuda else "fp32")
-    if precision != "fp32" and device.type == "cpu":
-        warn(f"train.precision={precision} on CPU is slow; fp32 is usual there")
-    return Runtime(
-        device=device,
-        autocast_dtype=torch.bfloat16 if precision in ("bf16-autocast", "bf16-pure") else None,
-        pure_bf16=precision == "bf16-pure",
-        compile=(t.compile == "true") or (t.compile == "auto" and cuda),
-        fused_adamw=cuda and t.fused_adamw in ("auto", "true"),
-        vocab_pad_multiple=t.vocab_pad_multiple
-        if isinstance(t.vocab_pad_multiple, int)
-        else (64 if cuda else 1),
-        rank=rank,
-        world_size=world_size,
-        local_rank=local_rank,
-    )
+# Settings that do not change the trajectory: a state made with other values still resumes.
+NOT_IN_FINGERPRINT = (
+    "eval_interval",
+    "eval_batches",
+    "log_interval",
+    "checkpoint_interval",
+    "resume",
+    "device",
+)
 
 
 def fingerprint(p: Params, data_meta: dict[str, Any], world_size: int) -> str:
     """Hash of everything that shapes the training trajectory; a saved state resumes only on a match."""
+    train = {k: v for k, v in p.to_dict()["train"].items() if k not in NOT_IN_FINGERPRINT}
+    data = {k: data_meta.get(k) for k in ("train", "validation", "eot", "vocab_size", "source")}
     relevant = {
         "seed": p.seed,
         "model": p.model_config().to_dict(),
-        "train": {
-            k: v
-            for k, v in p.to_dict()["train"].items()
-            if k
-            not in (
-                "eval_interval",
-                "eval_batches",
-                "log_interval",
-                "checkpoint_interval",
-                "resume",
-                "device",
-            )
-        },
-        "data": {
-            k: data_meta.get(k) for k in ("train", "validation", "eot", "vocab_size", "source")
-        },
+        "train": train,
+        "data": data,
         "world_size": world_size,
     }
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[
-        :16
-    ]
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
-# Training state: weights + optimizer moments in safetensors, scalars and history in JSON
+# What "auto" means here
 # ---------------------------------------------------------------------------------------------
 
-STATE_TENSORS = "state.safetensors"
-STATE_JSON = "state.json"
+
+@dataclass(frozen=True)
+class Runtime:
+    """Decisions derived from params + hardware, made once."""
+
+    device: torch.device
+    precision: str  # fp32, bf16-autocast or bf16-pure (never "auto")
+    compile: bool
+    fused_adamw: bool
+    vocab_pad_multiple: int
+    dist: Dist = field(default_factory=Dist)
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    @property
+    def world_size(self) -> int:
+        return self.dist.world_size
+
+
+def resolve_runtime(p: Params, d: Dist | None = None) -> Runtime:
+    t, d = p.train, d or Dist()
+    device = resolve_device(t.device)
+    if device.type == "cuda" and d.world_size > 1:
+        device = torch.device("cuda", d.local_rank)
+    cuda = device.type == "cuda"
+    return Runtime(
+        device=device,
+        precision=resolve_precision(t.precision, device),
+        compile=cuda if t.compile == "auto" else t.compile,
+        # Fused AdamW also lets a non-finite step be skipped on the device, without a host sync.
+        fused_adamw=device.type in ("cuda", "cpu") if t.fused_adamw == "auto" else t.fused_adamw,
+        vocab_pad_multiple=t.vocab_pad_multiple
+        if isinstance(t.vocab_pad_multiple, int)
+        else (64 if cuda else 1),
+        dist=d,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Training state: weights + optimizer moments in safetensors, the rest in JSON
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs; saved and loaded whole."""
+
+    step: int = 0  # optimizer steps done
+    fingerprint: str = ""
+    best_val_loss: float = math.inf
+    best_step: int | None = None  # None: this run has not written checkpoints/best yet
+    history: list[dict[str, Any]] = field(default_factory=list)  # the rows of plots/train.csv
+    mlflow_run_id: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainState:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 def save_state(
     directory: Path,
     model: Gemma3ForCausalLM,
     optimizer: torch.optim.Optimizer,
-    info: dict[str, Any],
+    state: TrainState | dict[str, Any],
 ) -> None:
+    if isinstance(state, dict):
+        state = TrainState.from_dict(state)
     tensors: dict[str, torch.Tensor] = {}
     for k, v in model.state_dict().items():
         if k == "lm_head.weight" and model.config.tie_embeddings:
@@ -233,17 +231,28 @@ def save_state(
     ]
     with atomic_dir(directory) as tmp:
         write_safetensors(tensors, tmp / STATE_TENSORS)
-        atomic_write_json(tmp / STATE_JSON, {**info, "param_groups": groups})
+        atomic_write_json(tmp / STATE_JSON, {**asdict(state), "param_groups": groups})
 
 
 def read_state_info(directory: Path) -> dict[str, Any] | None:
+    """state.json as written (None when absent or unreadable: then nothing is resumed)."""
     path = directory / STATE_JSON
     if not path.is_file() or not (directory / STATE_TENSORS).is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return info if isinstance(info, dict) else None
+
+
+def read_state_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(directory / STATE_TENSORS))
+    except (SafetensorError, OSError) as e:
+        raise Gemma3Error(
+            f"{directory / STATE_TENSORS}: unreadable training state ({e}); delete it to start fresh"
+        ) from None
 
 
 def load_state(
@@ -251,35 +260,33 @@ def load_state(
     model: Gemma3ForCausalLM,
     optimizer: torch.optim.Optimizer,
     info: dict[str, Any],
-) -> None:
-    try:
-        tensors = load_file(str(directory / STATE_TENSORS))
-    except (SafetensorError, OSError) as e:
-        raise Gemma3Error(
-            f"{directory / STATE_TENSORS}: unreadable training state ({e}); delete it to start fresh"
-        ) from None
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> TrainState:
+    """Put a saved state into `model` and `optimizer`; `tensors` when already read (or sent)."""
+    tensors = read_state_tensors(directory) if tensors is None else tensors
     own = model.state_dict()
     sd = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    if model.config.tie_embeddings:
+    if model.config.tie_embeddings and "model.embed_tokens.weight" in sd:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     if set(sd) != set(own) or any(sd[k].shape != own[k].shape for k in own):
         raise Gemma3Error(
             f"{directory}: training state does not match the model config; delete it to start fresh"
         )
     model.load_state_dict(sd)
-    state: dict[int, dict[str, torch.Tensor]] = {}
+    moments: dict[int, dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():
         if k.startswith("optim."):
             _, idx, name = k.split(".", 2)
-            state.setdefault(int(idx), {})[name] = v
-    optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+            moments.setdefault(int(idx), {})[name] = v
+    optimizer.load_state_dict({"state": moments, "param_groups": info["param_groups"]})
     torch.set_rng_state(tensors["rng.torch_cpu"])
     if "rng.torch_cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.torch_cuda"])
+    return TrainState.from_dict(info)
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop
+# Setup
 # ---------------------------------------------------------------------------------------------
 
 
@@ -292,7 +299,314 @@ class TrainPaths:
     plots: Path
 
 
-class _StopFlag:
+@dataclass
+class Run:
+    """What setup builds: one object the loop's helpers share instead of a dozen arguments."""
+
+    p: Params
+    paths: TrainPaths
+    rt: Runtime
+    cfg: Config
+    data_meta: dict[str, Any]
+    train_data: np.ndarray
+    eval_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    model: Gemma3ForCausalLM  # the raw module (what is saved)
+    optimizer: torch.optim.Optimizer
+    forward: torch.nn.Module  # what the loop calls: compiled and/or DDP-wrapped `model`
+    tracker: Tracker = None
+
+
+def build_model(cfg: Config, rt: Runtime, seed: int) -> Gemma3ForCausalLM:
+    """The initialised model on its device; running out of memory is a one-line error."""
+    torch.manual_seed(seed)
+    size = cfg.param_counts()["total"] * weight_dtype(rt.precision).itemsize
+    try:
+        return Gemma3ForCausalLM(cfg).to(rt.device, weight_dtype(rt.precision))
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "memory" not in str(e).lower():
+            raise
+        raise Gemma3Error(
+            f"params.yaml: model: {cfg.param_counts()['total']:,} parameters need "
+            f"{size / 2**30:,.1f} GiB on {rt.device}, more than is free; use a smaller model"
+        ) from None
+
+
+def load_data(p: Params, paths: TrainPaths, cfg: Config) -> tuple[np.ndarray, list[Any]]:
+    block, bs = p.train.block_size, p.train.batch_size
+    vocab, need = cfg.vocab_size, block + 1
+    train_data = load_tokens(paths.data_dir / "train.bin", vocab_size=vocab, min_tokens=need)
+    val_data = load_tokens(paths.data_dir / "validation.bin", vocab_size=vocab, min_tokens=need)
+    if len(train_data) < bs * block + 1:
+        raise Gemma3Error(
+            f"{paths.data_dir / 'train.bin'}: {len(train_data):,} tokens is fewer than one batch "
+            f"(train.batch_size {bs} x train.block_size {block}); use more data or a smaller batch"
+        )
+    return train_data, fixed_batches(val_data, p.train.eval_batches, bs, block, p.seed)
+
+
+def warn_about_settings(p: Params) -> None:
+    t = p.train
+    if t.min_lr > t.lr:
+        warn(
+            f"train.min_lr ({t.min_lr:g}) > train.lr ({t.lr:g}): the cosine schedule RISES from lr to "
+            "min_lr after warmup (the seed recipe's defect); set min_lr <= lr for a real decay"
+        )
+    if t.eval_interval > t.max_steps:
+        warn(
+            f"train.eval_interval ({t.eval_interval}) > train.max_steps ({t.max_steps}): "
+            "validation runs only at the end"
+        )
+
+
+def setup(p: Params, paths: TrainPaths, rt: Runtime) -> Run:
+    t = p.train
+    if rt.device.type == "cuda":
+        torch.cuda.set_device(rt.device)
+        torch.backends.cuda.matmul.allow_tf32 = t.tf32
+        torch.backends.cudnn.allow_tf32 = t.tf32
+    if rt.is_main:
+        warn_about_settings(p)
+    cfg = p.model_config(vocab_pad_multiple=rt.vocab_pad_multiple)
+    data_meta = read_tokens_meta(paths.data_dir)
+    train_data, eval_batches = load_data(p, paths, cfg)
+    model = build_model(cfg, rt, p.seed)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, t.weight_decay),
+        lr=t.lr,
+        betas=(t.beta1, t.beta2),
+        eps=t.eps,
+        **({"fused": True} if rt.fused_adamw else {}),
+    )
+    return Run(p, paths, rt, cfg, data_meta, train_data, eval_batches, model, optimizer, model)
+
+
+def wrap_model(run: Run) -> None:
+    """Compile, then DDP (which also copies rank 0's weights, resumed or fresh, to every rank)."""
+    forward: torch.nn.Module = run.model
+    if run.rt.compile:
+        forward = torch.compile(forward)  # type: ignore[assignment]
+    if run.rt.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        cuda = run.rt.device.type == "cuda"
+        forward = DDP(forward, device_ids=[run.rt.dist.local_rank] if cuda else None)
+    run.forward = forward
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume: rank 0 decides and sends the state to the other ranks
+# ---------------------------------------------------------------------------------------------
+
+
+def _resumable_state(run: Run, fp: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """Rank 0: the saved state and its tensors if they continue this exact run, else None."""
+    p, state_dir = run.p, run.paths.state_dir
+    info = read_state_info(state_dir) if p.train.resume else None
+    if info is None:
+        return None
+    if info.get("fingerprint") != fp:
+        warn(f"{state_dir}: saved training state was made with different params; starting fresh")
+        return None
+    if info.get("step", 0) >= p.train.max_steps:
+        return None  # a finished run is not resumed: re-running trains again
+    return info, read_state_tensors(state_dir)
+
+
+def resume(run: Run) -> TrainState:
+    """The state to start from: the saved one when it continues this run, else a fresh one."""
+    fp = fingerprint(run.p, run.data_meta, run.rt.world_size)
+    found = _resumable_state(run, fp) if run.rt.is_main else None
+    found = broadcast_object(found, run.rt.dist, run.rt.device)
+    if found is None:
+        return TrainState(fingerprint=fp)
+    info, tensors = found
+    state = load_state(run.paths.state_dir, run.model, run.optimizer, info, tensors)
+    if run.rt.is_main:
+        print(
+            f"resuming from {run.paths.state_dir} at step {state.step}/{run.p.train.max_steps}",
+            file=sys.stderr,
+        )
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# One optimizer step, validation, logging
+# ---------------------------------------------------------------------------------------------
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device copy; on CUDA from pinned memory without blocking the host."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, p: Params, step: int) -> float:
+    t = p.train
+    lr = lr_at(
+        step,
+        lr=t.lr,
+        min_lr=t.min_lr,
+        warmup_steps=t.warmup_steps,
+        max_steps=t.max_steps,
+        warmup_start_factor=t.warmup_start_factor,
+    )
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    return lr
+
+
+def train_step(
+    run: Run, step: int, fault_hook: FaultHook | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward/backward over grad_accum micro-batches, clip, step; returns (loss, grad norm).
+
+    Both stay on the device (no host sync). A step whose loss or gradient is not finite is never
+    applied: fused AdamW skips it on the device (found_inf), else the host checks first.
+    """
+    t, rt, d = run.p.train, run.rt, run.rt.dist
+    loss_sum = torch.zeros((), device=rt.device)
+    for micro in range(t.grad_accum):
+        g = global_micro_index(step, micro, t.grad_accum, d.world_size, d.rank)
+        x, y = sample_batch(run.train_data, t.batch_size, t.block_size, seed=run.p.seed, step=g)
+        last = micro == t.grad_accum - 1
+        no_sync = d.world_size > 1 and not last
+        with run.forward.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
+            with autocast(rt.precision, rt.device):
+                _, loss = run.forward(to_device(x, rt.device), to_device(y, rt.device))
+            if fault_hook is not None:
+                loss = fault_hook(step, loss)
+            (loss / t.grad_accum).backward()
+        loss_sum += loss.detach().float()
+    loss = loss_sum / t.grad_accum
+    clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip).float()
+    bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+    if rt.fused_adamw:
+        run.optimizer.found_inf = bad.float()  # type: ignore[attr-defined]
+        run.optimizer.step()
+    elif not bad.item():
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+@torch.no_grad()
+def validate(run: Run) -> float:
+    run.forward.eval()
+    total = torch.zeros((), device=run.rt.device)
+    for x, y in run.eval_batches:
+        with autocast(run.rt.precision, run.rt.device):
+            _, loss = run.model(x.to(run.rt.device), y.to(run.rt.device))
+        total += loss.float()
+    run.forward.train()
+    return total.item() / len(run.eval_batches)
+
+
+def _fmt(x: float | None, digits: int = 4) -> float | None:
+    return None if x is None else round(float(x), digits)
+
+
+class NonFinite:
+    """The first step whose loss or gradient norm was not finite, kept on the device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.first = torch.full((3,), -1.0, device=device)  # step, loss, grad norm
+
+    def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm)) & (self.first[0] < 0)
+        now = torch.stack([torch.tensor(float(step + 1), device=loss.device), loss, grad_norm])
+        self.first = torch.where(bad, now, self.first)
+
+    def check(self, run: Run, state: TrainState) -> None:
+        """Host sync: raise if any step so far was not finite (its update was never applied)."""
+        step, loss, gn = self.first.tolist()
+        if step < 0:
+            return
+        what = "loss" if not math.isfinite(loss) else "gradient norm"
+        raise Gemma3Error(
+            f"non-finite {what} at step {int(step)} (loss {loss}, grad norm {gn}); training "
+            f"stopped without applying it; {checkpoint_status(run, state)}; "
+            "lower train.lr or raise train.warmup_steps"
+        )
+
+
+def checkpoint_status(run: Run, state: TrainState) -> str:
+    """What is true of checkpoints/best at this moment, for error messages."""
+    best = run.paths.best_dir
+    if state.best_step is not None:
+        return f"{best} holds this run's best (step {state.best_step})"
+    if best.exists():
+        return f"{best} is the previous run's, left as it was"
+    return f"no checkpoint was written to {best}"
+
+
+def log_row(run: Run, state: TrainState, row: dict[str, Any], bar: Any) -> None:
+    """Record one row: history (plots/train.csv), the tracker, the progress bar."""
+    state.history.append(row)
+    if run.tracker is not None:
+        names = {"train_loss": "train/loss", "val_loss": "val/loss", "lr": "lr"}
+        names |= {"grad_norm": "grad_norm", "tokens_per_s": "tokens_per_s", "mfu": "mfu"}
+        metrics = {names[k]: v for k, v in row.items() if k in names and v is not None}
+        run.tracker.log_metrics(metrics, step=row["step"])
+    if bar is not None:
+        best = state.best_val_loss
+        bar.set_postfix(
+            loss=f"{row['train_loss']:.3f}",
+            val=f"{best:.3f}" if best < math.inf else "-",
+            lr=f"{row['lr']:.2e}",
+            tok_s=f"{row['tokens_per_s']:.0f}",
+            **({"mfu": f"{row['mfu']:.1%}"} if row["mfu"] is not None else {}),
+        )
+
+
+class Throughput:
+    """Tokens/s and MFU over the steps since the last report (eval time excluded)."""
+
+    def __init__(self, run: Run) -> None:
+        t = run.p.train
+        self.tokens_per_step = t.batch_size * t.block_size * t.grad_accum * run.rt.world_size
+        self.flops_per_token = run.cfg.flops_per_token(t.block_size)
+        self.peak = peak_flops(run.rt.device)
+        self.world = run.rt.world_size
+        self.restart()
+
+    def restart(self) -> None:
+        self.t0, self.tokens = time.perf_counter(), 0
+
+    def report(self) -> tuple[float, float | None]:
+        elapsed = time.perf_counter() - self.t0
+        tps = self.tokens / elapsed if elapsed > 0 else 0.0
+        mfu = self.flops_per_token * tps / (self.peak * self.world) if self.peak else None
+        self.restart()
+        return round(tps, 1), _fmt(mfu)
+
+
+def save_best(run: Run, state: TrainState, val: float, step: int) -> None:
+    state.best_val_loss, state.best_step = val, step
+    save_checkpoint(
+        run.model,
+        run.paths.best_dir,
+        meta={
+            "step": step,
+            "val_loss": val,
+            "mlflow_run_id": state.mlflow_run_id,
+            "block_size": run.p.train.block_size,
+            "data": {"eot": run.data_meta.get("eot"), "source": run.data_meta.get("source")},
+        },
+    )
+
+
+def _write_plots(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=PLOT_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if r.get(k) is None else r[k]) for k in PLOT_FIELDS})
+    atomic_write_text(path, buf.getvalue())
+
+
+class StopFlag:
     """SIGINT/SIGTERM set a flag; the loop saves a resumable state at the end of the step."""
 
     def __init__(self) -> None:
@@ -302,10 +616,8 @@ class _StopFlag:
     def installed(self) -> Iterator[None]:
         previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread
                 previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
         try:
             yield
         finally:
@@ -318,337 +630,137 @@ class _StopFlag:
         self.signum = signum
 
 
-def _write_plots(path: Path, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=PLOT_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: ("" if r.get(k) is None else r[k]) for k in PLOT_FIELDS})
-    atomic_write_text(path, buf.getvalue())
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
 
 
-def _fmt(x: float | None, digits: int = 4) -> float | None:
-    return None if x is None else round(float(x), digits)
+def fit(run: Run, state: TrainState, fault_hook: FaultHook | None, bar: Any) -> None:
+    t, rt = run.p.train, run.rt
+    guard, speed, stop = NonFinite(rt.device), Throughput(run), StopFlag()
+    run.forward.train()
+    with stop.installed():
+        for step in range(state.step, t.max_steps):
+            # ---- one optimizer step (lr set from the schedule first) ----
+            lr = set_lr(run.optimizer, run.p, step)
+            loss, grad_norm = train_step(run, step, fault_hook)
+            guard.record(step, loss, grad_norm)
+            done, speed.tokens = step + 1, speed.tokens + speed.tokens_per_step
+            last = done == t.max_steps
+            evaluating = done % t.eval_interval == 0 or last
+            due = evaluating or done % t.checkpoint_interval == 0 or done % t.log_interval == 0
+            # Alone: stop after this step. Under DDP ranks agree at report steps (no extra sync).
+            asked = stop.signum is not None
+            stopping = any_rank(asked, rt.dist, rt.device) if due else asked and not rt.dist.active
+            saving = done % t.checkpoint_interval == 0 or last or stopping
+            logging = due or stopping
+            # ---- report: the only host syncs; nothing is saved past a non-finite step ----
+            if logging:
+                guard.check(run, state)
+                if rt.device.type == "cuda":
+                    torch.cuda.synchronize()
+                tps, mfu = speed.report()
+                train_loss = all_reduce_mean(loss, rt.dist).item()
+                row = {"step": done, "train_loss": _fmt(train_loss), "val_loss": None, "lr": lr}
+                row |= {"grad_norm": _fmt(grad_norm.item()), "tokens_per_s": tps, "mfu": mfu}
+            # ---- validate, keep the best ----
+            if evaluating:
+                val = validate(run)
+                row["val_loss"] = _fmt(val)
+                if val < state.best_val_loss and rt.is_main:
+                    save_best(run, state, val, done)
+                speed.restart()  # eval time is not training throughput
+            if logging and rt.is_main:
+                log_row(run, state, row, bar)
+            if bar is not None:
+                bar.update(1)
+            # ---- resumable state ----
+            state.step = done
+            if saving and rt.is_main:
+                save_state(run.paths.state_dir, run.model, run.optimizer, state)
+                _write_plots(run.paths.plots, state.history)
+            if stopping:
+                raise KeyboardInterrupt(
+                    f"stopped at step {done}; training state saved to {run.paths.state_dir}, "
+                    "re-run to resume"
+                )
+
+
+def finish(run: Run, state: TrainState) -> dict[str, Any]:
+    """Rank 0: metrics/train.json, the plot, the tracker's last words; returns the metrics."""
+    t, rt = run.p.train, run.rt
+    if state.best_step is None or not run.paths.best_dir.exists():
+        # Resumed after checkpoints/best was deleted: the final weights are all we have.
+        warn(f"{run.paths.best_dir} was missing; saving the final weights as the checkpoint")
+        save_best(run, state, validate(run), t.max_steps)
+    last = state.history[-1] if state.history else {}
+    metrics = {
+        "best_val_loss": _fmt(state.best_val_loss),
+        "best_step": state.best_step,
+        "final_train_loss": last.get("train_loss"),
+        "final_val_loss": last.get("val_loss"),
+        "steps": t.max_steps,
+        "tokens": t.max_steps * t.batch_size * t.block_size * t.grad_accum * rt.world_size,
+        "tokens_per_s": last.get("tokens_per_s"),
+        "mfu": last.get("mfu"),
+        "device": str(rt.device),
+        "precision": rt.precision,
+        "world_size": rt.world_size,
+        "params": run.cfg.param_counts()["total"],
+        "mlflow_run_id": state.mlflow_run_id,
+    }
+    atomic_write_json(run.paths.metrics, metrics)
+    _write_plots(run.paths.plots, state.history)
+    if run.tracker is not None:
+        run.tracker.log_metrics({"best_val_loss": state.best_val_loss}, step=t.max_steps)
+        run.tracker.log_artifact(run.paths.best_dir, "checkpoint")
+        run.tracker.finish()
+    return metrics
+
+
+def start_tracker(run: Run, state: TrainState, factory: TrackerFactory | None) -> None:
+    if factory is None or not run.rt.is_main:
+        return
+    run.tracker = factory(state.mlflow_run_id, run.rt, run.cfg)
+    if run.tracker is not None and state.step == 0:
+        rt = run.rt
+        runtime = {"device": str(rt.device), "precision": rt.precision, "world_size": rt.world_size}
+        run.tracker.log_params({**run.p.to_dict(), "runtime": runtime})
+    state.mlflow_run_id = getattr(run.tracker, "run_id", None)
 
 
 def train(
     p: Params,
     paths: TrainPaths,
     *,
-    tracker_factory: Callable[[str | None, Runtime, Config], Any] | None = None,
+    tracker_factory: TrackerFactory | None = None,
     progress: bool = True,
-    fault_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    fault_hook: FaultHook | None = None,
 ) -> dict[str, Any]:
-    """Train from params; returns the metrics dict also written to `paths.metrics`.
+    """Train from params; returns the metrics also written to `paths.metrics` ({} off rank 0).
 
     `tracker_factory(run_id, runtime, cfg)` returns an experiment tracker (or None); `run_id` is
     the run to continue when resuming. `fault_hook(step, loss)` lets tests inject faults.
     """
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    rt = resolve_runtime(p, rank, world, local_rank)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if rt.device.type == "cuda" else "gloo")
+    rt = resolve_runtime(p, Dist.from_env())
+    created = init_process_group(rt.dist, rt.device)
+    busy = "another trainer is writing here (it holds the lock); wait for it or stop it"
+    lock = exclusive_lock(paths.best_dir.parent, busy) if rt.is_main else contextlib.nullcontext()
     try:
-        return _train(p, paths, rt, tracker_factory, progress, fault_hook)
+        with lock:
+            run = setup(p, paths, rt)
+            state = resume(run)
+            start_tracker(run, state, tracker_factory)
+            wrap_model(run)
+            bar = None
+            if progress and rt.is_main:
+                from tqdm import tqdm
+
+                bar = tqdm(total=p.train.max_steps, initial=state.step, desc="train", unit="step")
+            # The bar is closed however the loop ends, so an error starts on a line of its own.
+            with bar if bar is not None else contextlib.nullcontext():
+                fit(run, state, fault_hook, bar)
+            return finish(run, state) if rt.is_main else {}
     finally:
-        if world > 1 and dist.is_initialized():
+        if created:
             dist.destroy_process_group()
-
-
-def _train(
-    p: Params,
-    paths: TrainPaths,
-    rt: Runtime,
-    tracker_factory: Callable[[str | None, Runtime, Config], Any] | None,
-    progress: bool,
-    fault_hook: Callable[[int, torch.Tensor], torch.Tensor] | None,
-) -> dict[str, Any]:
-    t = p.train
-    if rt.device.type == "cuda":
-        torch.cuda.set_device(rt.device)
-        torch.backends.cuda.matmul.allow_tf32 = t.tf32
-        torch.backends.cudnn.allow_tf32 = t.tf32
-    if t.min_lr > t.lr and rt.is_main:
-        warn(
-            f"train.min_lr ({t.min_lr:g}) > train.lr ({t.lr:g}): the cosine schedule RISES from lr to "
-            "min_lr after warmup (the seed recipe's defect); set min_lr <= lr for a real decay"
-        )
-    if t.eval_interval > t.max_steps and rt.is_main:
-        warn(
-            f"train.eval_interval ({t.eval_interval}) > train.max_steps ({t.max_steps}): validation runs only at the end"
-        )
-
-    # ---- data ----
-    meta = read_tokens_meta(paths.data_dir)
-    cfg = p.model_config(vocab_pad_multiple=rt.vocab_pad_multiple)
-    block, bs = t.block_size, t.batch_size
-    train_data = load_tokens(
-        paths.data_dir / "train.bin", vocab_size=cfg.vocab_size, min_tokens=block + 1
-    )
-    val_data = load_tokens(
-        paths.data_dir / "validation.bin", vocab_size=cfg.vocab_size, min_tokens=block + 1
-    )
-    if len(train_data) < bs * block + 1:
-        raise Gemma3Error(
-            f"{paths.data_dir / 'train.bin'}: {len(train_data):,} tokens is fewer than one batch "
-            f"(train.batch_size {bs} x train.block_size {block}); use more data or a smaller batch"
-        )
-    eval_batches = fixed_batches(val_data, t.eval_batches, bs, block, p.seed)
-
-    # ---- model + optimizer ----
-    torch.manual_seed(p.seed)
-    model = Gemma3ForCausalLM(cfg).to(rt.device)
-    if rt.pure_bf16:
-        model = model.to(torch.bfloat16)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, t.weight_decay),
-        lr=t.lr,
-        betas=(t.beta1, t.beta2),
-        eps=t.eps,
-        **({"fused": True} if rt.fused_adamw else {}),
-    )
-
-    # ---- resume ----
-    fp = fingerprint(p, meta, rt.world_size)
-    start_step, best_val, best_step, history, run_id = 0, math.inf, None, [], None
-    info = read_state_info(paths.state_dir) if t.resume else None
-    if info is not None:
-        if info.get("fingerprint") != fp:
-            if rt.is_main:
-                warn(
-                    f"{paths.state_dir}: saved training state was made with different params; starting fresh"
-                )
-            info = None
-        elif info.get("step", 0) >= t.max_steps:
-            info = None  # a finished run is not resumed: re-running trains again
-    if info is not None:
-        load_state(paths.state_dir, model, optimizer, info)
-        start_step, best_val, best_step = info["step"], info["best_val_loss"], info["best_step"]
-        history, run_id = info["history"], info.get("mlflow_run_id")
-        if rt.is_main:
-            print(
-                f"resuming from {paths.state_dir} at step {start_step}/{t.max_steps}",
-                file=sys.stderr,
-            )
-    elif rt.is_main:
-        # Starting fresh: stale outputs from another run must not survive.
-        for d in (paths.best_dir, paths.state_dir):
-            if d.exists():
-                shutil.rmtree(d)
-
-    tracker = tracker_factory(run_id, rt, cfg) if (tracker_factory and rt.is_main) else None
-    if tracker is not None and info is None:
-        tracker.log_params(
-            {**p.to_dict(), "runtime": {"device": str(rt.device), "world_size": rt.world_size}}
-        )
-
-    raw_model = model
-    if rt.compile:
-        model = torch.compile(model)
-    if rt.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
-
-    flops_tok = cfg.flops_per_token(block)
-    peak = peak_flops(rt.device)
-    tokens_per_step = bs * block * t.grad_accum * rt.world_size
-
-    def autocast() -> contextlib.AbstractContextManager[Any]:
-        if rt.autocast_dtype is None or rt.pure_bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=rt.device.type, dtype=rt.autocast_dtype)
-
-    @torch.no_grad()
-    def evaluate() -> float:
-        model.eval()
-        total = 0.0
-        for x, y in eval_batches:
-            with autocast():
-                _, loss = raw_model(x.to(rt.device), y.to(rt.device))
-            total += loss.item()
-        model.train()
-        return total / len(eval_batches)
-
-    def to_device(x: torch.Tensor) -> torch.Tensor:
-        if rt.device.type == "cuda":
-            return x.pin_memory().to(rt.device, non_blocking=True)
-        return x.to(rt.device)
-
-    def save_best(step: int, val: float) -> None:
-        save_checkpoint(
-            raw_model,
-            paths.best_dir,
-            meta={
-                "step": step,
-                "val_loss": val,
-                "mlflow_run_id": getattr(tracker, "run_id", None),
-                "block_size": block,
-                "data": {"eot": meta.get("eot"), "source": meta.get("source")},
-            },
-        )
-
-    def state_info(step: int) -> dict[str, Any]:
-        return {
-            "step": step,
-            "fingerprint": fp,
-            "best_val_loss": best_val,
-            "best_step": best_step,
-            "history": history,
-            "mlflow_run_id": getattr(tracker, "run_id", None),
-        }
-
-    model.train()
-    stop = _StopFlag()
-    bar = None
-    if progress and rt.is_main:
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=t.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
-        )
-    last_train_loss = None
-    window_t0, window_tokens = time.perf_counter(), 0
-    # The bar is closed however the loop ends, so an error message starts on a line of its own.
-    with stop.installed(), bar if bar is not None else contextlib.nullcontext():
-        for step in range(start_step, t.max_steps):
-            lr = lr_at(
-                step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps
-            )
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            loss_sum = torch.zeros((), device=rt.device)
-            for micro in range(t.grad_accum):
-                g_idx = global_micro_index(step, micro, t.grad_accum, rt.world_size, rt.rank)
-                x, y = sample_batch(train_data, bs, block, seed=p.seed, step=g_idx)
-                x, y = to_device(x), to_device(y)
-                sync = micro == t.grad_accum - 1
-                ctx = (
-                    model.no_sync()
-                    if (rt.world_size > 1 and not sync)
-                    else contextlib.nullcontext()
-                )
-                with ctx:
-                    with autocast():
-                        _, loss = model(x, y)
-                    if fault_hook is not None:
-                        loss = fault_hook(step, loss)
-                    (loss / t.grad_accum).backward()
-                loss_sum += loss.detach()
-            clip = t.grad_clip if t.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip)
-            train_loss = (loss_sum / t.grad_accum).item()
-            gn = grad_norm.item()
-            if not (math.isfinite(train_loss) and math.isfinite(gn)):
-                if bar is not None:
-                    bar.close()
-                raise Gemma3Error(
-                    f"non-finite {'loss' if not math.isfinite(train_loss) else 'gradient norm'} at step "
-                    f"{step + 1} (loss {train_loss}, grad norm {gn}); training stopped, best checkpoint "
-                    f"{paths.best_dir} left as it was; lower train.lr or raise train.warmup_steps"
-                )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            last_train_loss = train_loss
-
-            done = step + 1
-            window_tokens += tokens_per_step
-            row: dict[str, Any] | None = None
-            if done % t.log_interval == 0 or done % t.eval_interval == 0 or done == t.max_steps:
-                if rt.device.type == "cuda":
-                    torch.cuda.synchronize()
-                elapsed = time.perf_counter() - window_t0
-                tps = window_tokens / elapsed if elapsed > 0 else 0.0
-                mfu = flops_tok * tps / (peak * rt.world_size) if peak else None
-                window_t0, window_tokens = time.perf_counter(), 0
-                row = {
-                    "step": done,
-                    "train_loss": _fmt(train_loss),
-                    "val_loss": None,
-                    "lr": lr,
-                    "grad_norm": _fmt(gn),
-                    "tokens_per_s": round(tps, 1),
-                    "mfu": _fmt(mfu),
-                }
-            if done % t.eval_interval == 0 or done == t.max_steps:
-                val = evaluate()
-                assert row is not None
-                row["val_loss"] = _fmt(val)
-                if val < best_val and rt.is_main:
-                    best_val, best_step = val, done
-                    save_best(done, val)
-                window_t0 = time.perf_counter()  # eval time is not training throughput
-            if row is not None and rt.is_main:
-                history.append(row)
-                if tracker is not None:
-                    metrics = {
-                        "train/loss": row["train_loss"],
-                        "lr": lr,
-                        "grad_norm": row["grad_norm"],
-                        "tokens_per_s": row["tokens_per_s"],
-                    }
-                    if row["mfu"] is not None:
-                        metrics["mfu"] = row["mfu"]
-                    if row["val_loss"] is not None:
-                        metrics["val/loss"] = row["val_loss"]
-                    tracker.log_metrics(metrics, step=done)
-                if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{train_loss:.3f}",
-                        val=f"{best_val:.3f}" if best_val < math.inf else "-",
-                        lr=f"{lr:.2e}",
-                        tok_s=f"{row['tokens_per_s']:.0f}",
-                        **({"mfu": f"{row['mfu']:.1%}"} if row["mfu"] is not None else {}),
-                    )
-            if bar is not None:
-                bar.update(1)
-            interrupted = stop.signum is not None
-            if rt.is_main and (
-                done % t.checkpoint_interval == 0 or done == t.max_steps or interrupted
-            ):
-                save_state(paths.state_dir, raw_model, optimizer, state_info(done))
-                _write_plots(paths.plots, history)
-            if interrupted:
-                if bar is not None:
-                    bar.close()
-                raise KeyboardInterrupt(
-                    f"stopped at step {done}; training state saved to {paths.state_dir}, re-run to resume"
-                )
-    if bar is not None:
-        bar.close()
-
-    if not rt.is_main:
-        return {}
-    if not paths.best_dir.exists():
-        # Resumed after the best checkpoint was deleted: the final weights are all we have.
-        warn(
-            f"{paths.best_dir} was missing after resume; saving the final weights as the checkpoint"
-        )
-        best_val, best_step = evaluate(), t.max_steps
-        save_best(best_step, best_val)
-    last = history[-1] if history else {}
-    metrics = {
-        "best_val_loss": _fmt(best_val),
-        "best_step": best_step,
-        "final_train_loss": _fmt(
-            last_train_loss if last_train_loss is not None else last.get("train_loss")
-        ),
-        "final_val_loss": last.get("val_loss"),
-        "steps": t.max_steps,
-        "tokens": t.max_steps * tokens_per_step,
-        "tokens_per_s": last.get("tokens_per_s"),
-        "mfu": last.get("mfu"),
-        "device": str(rt.device),
-        "world_size": rt.world_size,
-        "params": cfg.param_counts()["total"],
-        "mlflow_run_id": getattr(tracker, "run_id", None),
-    }
-    atomic_write_json(paths.metrics, metrics)
-    _write_plots(paths.plots, history)
-    if tracker is not None:
-        tracker.log_metrics({"best_val_loss": best_val}, step=t.max_steps)
-        tracker.log_artifact(paths.best_dir, "checkpoint")
-        tracker.finish()
-    return metrics

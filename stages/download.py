@@ -4,7 +4,7 @@ from typing import Any
 
 from gemma3.data.prepare import SOURCE_DIR, prepare_raw, tracked_by_dvc
 from gemma3.errors import run_main
-from gemma3.io import atomic_dir
+from gemma3.fileio import atomic_dir
 from gemma3.params import load_params
 
 RAW_DIR = "data/raw"

@@ -2,15 +2,13 @@
 
 from pathlib import Path
 
-import torch
-
 from gemma3.data.tokens import load_tokens, read_tokens_meta
 from gemma3.errors import run_main
 from gemma3.evaluate import bits_per_byte, evaluate_tokens
+from gemma3.fileio import atomic_write_json
 from gemma3.hf import load_checkpoint, read_meta
-from gemma3.io import atomic_write_json
 from gemma3.params import load_params
-from gemma3.train import resolve_device
+from gemma3.runtime import resolve_device, resolve_precision, weight_dtype
 
 CKPT, TOKENS, OUT = Path("checkpoints/best"), Path("data/tokens"), Path("metrics/eval.json")
 
@@ -18,19 +16,19 @@ CKPT, TOKENS, OUT = Path("checkpoints/best"), Path("data/tokens"), Path("metrics
 def main() -> None:
     p = load_params()
     device = resolve_device(p.train.device)
-    model = load_checkpoint(CKPT, device=device)
+    precision = resolve_precision(p.train.precision, device)  # the policy training used
+    model = load_checkpoint(CKPT, device=device, dtype=weight_dtype(precision))
     ckpt = read_meta(CKPT)
     block = p.eval.block_size or p.train.block_size
     data = load_tokens(TOKENS / "validation.bin", vocab_size=model.config.vocab_size, min_tokens=2)
     meta = read_tokens_meta(TOKENS)
-    autocast = torch.bfloat16 if device.type == "cuda" else None
     res = evaluate_tokens(
         model,
         data,
         block_size=block,
         batch_size=p.eval.batch_size,
         device=device,
-        autocast_dtype=autocast,
+        precision=precision,
     )
     n_bytes = (meta.get("validation") or {}).get("bytes")  # absent in hand-made token dirs
     bpb = bits_per_byte(res["loss"], res["tokens"], n_bytes) if n_bytes else None

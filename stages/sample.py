@@ -4,12 +4,12 @@ import json
 from pathlib import Path
 
 from gemma3.errors import run_main
+from gemma3.fileio import atomic_write_json, atomic_write_text
 from gemma3.generate import generate
 from gemma3.hf import load_checkpoint, read_meta
-from gemma3.io import atomic_write_json, atomic_write_text
 from gemma3.params import load_params
+from gemma3.runtime import autocast, resolve_device, resolve_precision, weight_dtype
 from gemma3.tokenizer import EOT_ID, decode, encode
-from gemma3.train import resolve_device
 
 CKPT, OUT = Path("checkpoints/best"), Path("samples")
 
@@ -17,20 +17,23 @@ CKPT, OUT = Path("checkpoints/best"), Path("samples")
 def main() -> None:
     p = load_params()
     s = p.sample
-    model = load_checkpoint(CKPT, device=resolve_device(p.train.device))
+    device = resolve_device(p.train.device)
+    precision = resolve_precision(p.train.precision, device)  # the policy training used
+    model = load_checkpoint(CKPT, device=device, dtype=weight_dtype(precision))
     ckpt = read_meta(CKPT)
     samples = []
     for i, prompt in enumerate(s.prompts):
-        new = generate(
-            model,
-            [encode(prompt)],
-            max_new_tokens=s.max_new_tokens,
-            temperature=s.temperature,
-            top_k=s.top_k,
-            top_p=s.top_p,
-            seed=s.seed + i,
-            stop_token=EOT_ID if s.stop_at_eot else None,
-        )[0]
+        with autocast(precision, device):
+            new = generate(
+                model,
+                [encode(prompt)],
+                max_new_tokens=s.max_new_tokens,
+                temperature=s.temperature,
+                top_k=s.top_k,
+                top_p=s.top_p,
+                seed=s.seed + i,
+                stop_token=EOT_ID if s.stop_at_eot else None,
+            )[0]
         samples.append(
             {
                 "prompt": prompt,

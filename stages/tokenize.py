@@ -2,7 +2,7 @@
 
 from gemma3.data.tokens import tokenize_raw
 from gemma3.errors import run_main
-from gemma3.io import atomic_dir
+from gemma3.fileio import atomic_dir
 from gemma3.params import check_token_counts, load_params
 
 TOKENS = "data/tokens"

@@ -6,8 +6,9 @@ Runs as `python -m stages.train`, or `torchrun --nproc_per_node=N -m stages.trai
 from pathlib import Path
 
 from gemma3.errors import run_main
-from gemma3.io import recover_dir
+from gemma3.fileio import recover_dir
 from gemma3.params import load_params
+from gemma3.runtime import exit_with_parent
 from gemma3.train import TrainPaths, train
 
 PATHS = TrainPaths(
@@ -20,6 +21,7 @@ PATHS = TrainPaths(
 
 
 def main() -> None:
+    exit_with_parent()  # dvc killed with -9 must not leave this trainer running
     p = load_params()
     for directory in (PATHS.best_dir, PATHS.state_dir):
         recover_dir(directory)  # a save killed between its two renames left it as .<name>.old
@@ -36,7 +38,10 @@ def main() -> None:
 
     metrics = train(p, PATHS, tracker_factory=tracker if p.tracking.enabled else None)
     if metrics:
-        print(f"train: best val loss {metrics['best_val_loss']} at step {metrics['best_step']}")
+        print(
+            f"train: best val loss {metrics['best_val_loss']} at step {metrics['best_step']} "
+            f"({metrics['device']}, {metrics['precision']})"
+        )
 
 
 if __name__ == "__main__":

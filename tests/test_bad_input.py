@@ -69,7 +69,7 @@ CKPT_CFG = Config(
     context_length=64,
     emb_dim=32,
     n_heads=2,
-    n_kv_groups=1,
+    n_kv_heads=1,
     head_dim=16,
     hidden_dim=64,
     n_layers=2,
@@ -470,8 +470,8 @@ PARAMS_CASES = [
     case(
         "params-heads-not-divisible-by-kv-groups",
         "download",
-        params(model={"overrides": {"n_kv_groups": 3}}),
-        "model.overrides.n_heads: (4) must be divisible by n_kv_groups (3)",
+        params(model={"overrides": {"n_kv_heads": 3}}),
+        "model.overrides.n_heads: (4) must be divisible by n_kv_heads (3)",
     ),
     case(
         "params-unknown-preset",
@@ -497,12 +497,6 @@ PARAMS_CASES = [
         "download",
         params(model={"overrides": {"sliding_window": -16}}),
         "model.overrides.sliding_window: must be > 0, got -16",
-    ),
-    case(
-        "params-vocab-too-large-for-uint16",
-        "download",
-        params(model={"overrides": {"vocab_size": 100_000}}),
-        "model.overrides.vocab_size: must be <= 65536",
     ),
     case(
         "params-unknown-device",

@@ -137,7 +137,7 @@ def test_presets_follow_gemma3_rules() -> None:
         # Every sixth layer is global; the rest are sliding-window layers.
         expected = tuple(FULL if i % 6 == 5 else SLIDING for i in range(cfg.n_layers))
         assert cfg.layer_types == expected, name
-        assert cfg.n_heads % cfg.n_kv_groups == 0
+        assert cfg.n_heads % cfg.n_kv_heads == 0
         assert Config.from_dict(cfg.to_dict()) == cfg
 
 
@@ -167,7 +167,7 @@ def _with(**changes):
 
 INVALID = [
     # (case id, construction, field the message must name, text it must contain)
-    ("heads-not-divisible", _with(n_heads=4, n_kv_groups=3), "n_heads", "divisible"),
+    ("heads-not-divisible", _with(n_heads=4, n_kv_heads=3), "n_heads", "divisible"),
     ("window-zero", _with(sliding_window=0), "sliding_window", "> 0"),
     ("window-negative", _with(sliding_window=-4), "sliding_window", "> 0"),
     ("odd-head-dim", _with(head_dim=15), "head_dim", "even"),
@@ -179,14 +179,13 @@ INVALID = [
         "layer_types",
         "global_attention",
     ),
-    ("vocab-too-big", _with(vocab_size=65537), "vocab_size", "65536"),
     ("unknown-field", lambda: Config.from_dict({**TINY, "n_embd": 64}), "n_embd", "unknown"),
     ("unknown-preset", lambda: Config.from_name("gemma3-1b"), "preset", "gemma3-1b"),
     ("bool-as-int", _with(n_layers=True), "n_layers", "integer"),
     ("float-as-int", _with(emb_dim=64.0), "emb_dim", "integer"),
     ("non-bool-flag", _with(tie_embeddings="yes"), "tie_embeddings", "true or false"),
     ("nan-eps", _with(rms_norm_eps=float("nan")), "rms_norm_eps", "number"),
-    ("zero-kv-groups", _with(n_kv_groups=0), "n_kv_groups", "> 0"),
+    ("zero-kv-groups", _with(n_kv_heads=0), "n_kv_heads", "> 0"),
 ]
 
 
@@ -205,9 +204,30 @@ def test_invalid_config_raises_one_line_error_naming_field(build, field: str, te
     assert text in msg, msg
 
 
-def test_vocab_boundary_65536_is_allowed() -> None:
-    # uint16 holds ids 0..65535, so 65536 tokens is the largest vocabulary the data can carry.
-    assert Config.from_dict({**TINY, "vocab_size": 65536}).vocab_size == 65536
+def test_model_vocab_is_not_limited_by_the_token_files() -> None:
+    # uint16 token files limit the ids the DATA can carry, not the model: Gemma's own 262,144
+    # vocabulary must build (training on uint16 data with it: tests/test_engine_inputs.py).
+    for v in (65536, 65537, 262_144):
+        assert Config.from_dict({**TINY, "vocab_size": v}).vocab_size == v
+
+
+# Sizes as the README's preset table states them; each CPU preset's window is smaller than the
+# block it trains with (params.yaml's 128; the tests' 32), so the sliding mask really bites.
+PRESET_SIZES = {
+    "gemma3-small": dict(emb_dim=192, n_heads=4, n_kv_heads=2, head_dim=48, hidden_dim=768,
+                         n_layers=6, sliding_window=64, context_length=2048, tie_embeddings=True),
+    "gemma3-tiny": dict(emb_dim=64, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=256,
+                        n_layers=6, sliding_window=16, context_length=1024, tie_embeddings=True),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_SIZES))
+def test_cpu_preset_sizes_and_window_below_block(name: str) -> None:
+    cfg = Config.from_name(name)
+    assert {k: getattr(cfg, k) for k in PRESET_SIZES[name]} == PRESET_SIZES[name]
+    assert cfg.query_pre_attn_scalar == cfg.head_dim
+    block = {"gemma3-small": 128, "gemma3-tiny": 32}[name]
+    assert cfg.sliding_window < block
 
 
 def test_replace_revalidates() -> None:

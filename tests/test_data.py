@@ -454,7 +454,7 @@ def test_sample_batch_windows() -> None:
     assert torch.equal(x, x2)
     assert not torch.equal(x, sample_batch(data, 6, 16, seed=1, step=4)[0])
     assert not torch.equal(x, sample_batch(data, 6, 16, seed=2, step=3)[0])
-    assert not torch.equal(x, sample_batch(data, 6, 16, seed=1, step=3, rank=1)[0])
+    assert not torch.equal(x, sample_batch(data, 6, 16, seed=1, step=3, stream="validation")[0])
     a = fixed_batches(data, 3, 4, 8, seed=0)
     b = fixed_batches(data, 3, 4, 8, seed=0)
     assert len(a) == 3 and all(torch.equal(p[0], q[0]) for p, q in zip(a, b, strict=True))

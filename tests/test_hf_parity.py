@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from gemma3.config import FULL, SLIDING, Config
-from gemma3.hf import from_transformers, load_checkpoint, save_checkpoint, to_transformers
+from gemma3.hf import (
+    from_transformers,
+    load_checkpoint,
+    save_checkpoint,
+    to_hf_config,
+    to_transformers,
+)
 from gemma3.model import Gemma3ForCausalLM
 
 transformers = pytest.importorskip("transformers")
@@ -19,7 +25,7 @@ SMALL = dict(
     context_length=256,
     emb_dim=48,
     n_heads=4,
-    n_kv_groups=2,
+    n_kv_heads=2,
     head_dim=24,
     hidden_dim=96,
     n_layers=4,
@@ -103,3 +109,71 @@ def test_checkpoint_round_trip_through_from_pretrained(tmp_path, tied: bool) -> 
         assert torch.equal(loaded.state_dict()[name], t), name
     idx = torch.randint(0, cfg.vocab_size, (1, 16))
     assert max_logit_diff(ours, hf.eval(), idx) <= 1e-5
+
+
+# google/gemma-3-270m's config.json on the Hugging Face Hub (Gemma 3 270M, August 2025), written
+# down here by hand: the one truth about the preset that does not go through our Config.
+GOOGLE_GEMMA3_270M = {
+    "hidden_size": 640,
+    "intermediate_size": 2048,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 256,
+    "num_hidden_layers": 18,
+    "sliding_window": 512,
+    "rope_theta": 1_000_000.0,
+    "rope_local_base_freq": 10_000.0,
+    "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 32768,
+    "hidden_activation": "gelu_pytorch_tanh",
+}
+
+
+def test_270m_preset_equals_googles_published_config() -> None:
+    ours = to_hf_config(Config.from_name("gemma3-270m"))
+    rope = ours.pop("rope_parameters")
+    ours["rope_theta"] = rope[FULL]["rope_theta"]
+    ours["rope_local_base_freq"] = rope[SLIDING]["rope_theta"]
+    assert {k: ours[k] for k in GOOGLE_GEMMA3_270M} == GOOGLE_GEMMA3_270M
+    # Layer pattern: 5 sliding then 1 full, three times (Google's sliding_window_pattern 6).
+    assert ours["layer_types"] == ([SLIDING] * 5 + [FULL]) * 3
+    # Where the seed (and so the preset) differs from Google: GPT-2's vocabulary, untied head.
+    assert ours["vocab_size"] == 50257 and ours["tie_word_embeddings"] is False
+
+
+# Distinct RoPE bases, a window below the sequence and a scalar != head_dim: a loader that swaps
+# or drops any of them changes the logits.
+DISTINCT = {**SMALL, "rope_local_base": 500.0, "rope_base": 20_000.0, "sliding_window": 5}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_reloaded_checkpoint_gives_the_same_logits(tmp_path, tied: bool) -> None:
+    ours = random_model(Config(**DISTINCT, tie_embeddings=tied))
+    save_checkpoint(ours, tmp_path / "ckpt")
+    back = load_checkpoint(tmp_path / "ckpt")
+    idx = torch.randint(0, ours.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(back(idx)[0], ours(idx)[0])
+
+
+def test_export_has_no_pad_token_so_every_embedding_row_learns(tmp_path) -> None:
+    import json
+
+    cfg = Config(**{**SMALL, "vocab_size": 50257})  # the real vocabulary: EOT is a real row
+    ours = random_model(cfg)
+    save_checkpoint(ours, tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt/config.json").read_text())["pad_token_id"] is None
+    hf = transformers.Gemma3ForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    assert hf.model.embed_tokens.padding_idx is None
+    # <|endoftext|> (the story separator) gets a gradient in HF fine-tuning.
+    idx = torch.tensor([[50256, 11, 50256, 12, 13]])
+    hf(input_ids=idx, labels=idx).loss.backward()
+    assert hf.model.embed_tokens.weight.grad[50256].abs().sum() > 0
+    # HF generate still works (it pads with generation_config.json's id) and agrees with ours.
+    from gemma3.generate import generate
+
+    prompt = [[50256, 11, 12]]
+    with torch.no_grad():
+        out = hf.generate(torch.tensor(prompt), max_new_tokens=5, do_sample=False)
+    assert out[0, 3:].tolist() == generate(ours, prompt, max_new_tokens=5, temperature=0.0)[0]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gemma3.errors import Gemma3Error
-from gemma3.io import atomic_path, atomic_write_json
+from gemma3.fileio import atomic_path, atomic_write_json
 
 SPLITS = ("train", "validation")
 

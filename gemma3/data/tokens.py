@@ -19,7 +19,7 @@ import torch
 
 from gemma3.data.raw import SPLITS, quiet_datasets, split_path, write_error
 from gemma3.errors import Gemma3Error
-from gemma3.io import atomic_path, atomic_write_json
+from gemma3.fileio import atomic_path, atomic_write_json
 from gemma3.tokenizer import EOT_ID, VOCAB_SIZE, get_encoding
 
 
@@ -233,11 +233,22 @@ def load_tokens(path: str | os.PathLike[str], *, vocab_size: int, min_tokens: in
     return data
 
 
+# Independent random streams drawn from one seed: training batches, and the fixed validation
+# batches (the number is the stream's key in the generator's seed sequence; never change it).
+STREAMS = {"train": 0, "validation": 1_000_003}
+
+
 def sample_batch(
-    data: np.ndarray, batch_size: int, block_size: int, *, seed: int, step: int, rank: int = 0
+    data: np.ndarray,
+    batch_size: int,
+    block_size: int,
+    *,
+    seed: int,
+    step: int,
+    stream: str = "train",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows (x, y = x shifted by one) determined only by (seed, rank, step)."""
-    rng = np.random.default_rng([seed, rank, step])
+    """Random windows (x, y = x shifted by one) determined only by (seed, stream, step)."""
+    rng = np.random.default_rng([seed, STREAMS[stream], step])
     starts = rng.integers(0, len(data) - block_size, size=batch_size)
     windows = np.stack([np.asarray(data[s : s + block_size + 1], dtype=np.int64) for s in starts])
     t = torch.from_numpy(windows)
@@ -248,9 +259,8 @@ def fixed_batches(
     data: np.ndarray, n_batches: int, batch_size: int, block_size: int, seed: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The same validation batches every call, so periodic val losses are comparable."""
-    # A seed offset keeps these windows independent of the training stream's (seed, 0, step).
     return [
-        sample_batch(data, batch_size, block_size, seed=seed, step=i, rank=1_000_003)
+        sample_batch(data, batch_size, block_size, seed=seed, step=i, stream="validation")
         for i in range(n_batches)
     ]
 

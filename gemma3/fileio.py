@@ -119,3 +119,27 @@ def _raise_naming(e: BaseException, path: Path) -> None:
     is re-raised naming the file being written, so the one-line error says where."""
     if isinstance(e, OSError) and e.errno is not None and e.filename is None:
         raise OSError(e.errno, e.strerror, str(path)) from e
+
+
+@contextlib.contextmanager
+def exclusive_lock(directory: str | os.PathLike[str], busy: str) -> Iterator[None]:
+    """Hold an exclusive lock on `directory` (flock on its descriptor) or fail with `busy`.
+
+    The kernel drops the lock when the holder exits, however it exits (kill -9 included), so a
+    stale lock can never block a later run.
+    """
+    import fcntl
+
+    from gemma3.errors import Gemma3Error
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Gemma3Error(f"{directory}: {busy}") from None
+        yield
+    finally:
+        os.close(fd)
