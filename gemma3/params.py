@@ -19,10 +19,11 @@ from typing import Any
 import yaml
 
 from gemma3.config import Config, ConfigError
-from gemma3.data.hub import PINNED_REVISION
 from gemma3.errors import Gemma3Error
 
 HUB_SOURCE = "roneneldan/TinyStories"
+# The TinyStories commit whose parquet files match the pins in gemma3/data/hub.py (REFERENCE.md 3).
+PINNED_REVISION = "7dfb18bd830e361f237a94bcdb466bc6e7b09050"
 # train.precision: resolved per machine by gemma3.runtime.resolve_precision.
 PRECISIONS = ("auto", "fp32", "bf16-autocast", "bf16-pure")
 
@@ -226,32 +227,54 @@ def _build(cls: type, raw: Any, prefix: str, file: str) -> Any:
     return cls(**kwargs)
 
 
+def _err(file: str, key: str, msg: str) -> Gemma3Error:
+    return Gemma3Error(f"{file}: {key}: {msg}")
+
+
+def _positive(file: str, section: Any, name: str, key: str, allow_zero: bool = False) -> None:
+    v = getattr(section, name)
+    if isinstance(v, float) and not math.isfinite(v):
+        raise _err(file, key, f"must be finite, got {v}")
+    if v < 0 or (v == 0 and not allow_zero):
+        raise _err(file, key, f"must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+
+
 def _check_values(p: Params, file: str) -> None:
-    def err(key: str, msg: str) -> Gemma3Error:
-        return Gemma3Error(f"{file}: {key}: {msg}")
+    _check_data(p, file)
+    _check_train(p.train, file)
+    _check_eval_sample(p, file)
+    cfg = p.model_config()  # validates the preset and overrides
+    for key, block in (
+        ("train.block_size", p.train.block_size),
+        ("eval.block_size", p.eval.block_size),
+    ):
+        if block > cfg.context_length:
+            raise _err(
+                file, key, f"({block}) exceeds the model's context_length ({cfg.context_length})"
+            )
 
-    def positive(section: Any, name: str, key: str, allow_zero: bool = False) -> None:
-        v = getattr(section, name)
-        if isinstance(v, float) and not math.isfinite(v):
-            raise err(key, f"must be finite, got {v}")
-        if v < 0 or (v == 0 and not allow_zero):
-            raise err(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {v}")
 
-    d, t, e, s = p.data, p.train, p.eval, p.sample
+def _check_data(p: Params, file: str) -> None:
+    d = p.data
     if not 0 < d.val_fraction < 1:
-        raise err("data.val_fraction", f"must be between 0 and 1, got {d.val_fraction}")
-    positive(d.synthetic, "n_train", "data.synthetic.n_train")
-    positive(d.synthetic, "n_val", "data.synthetic.n_val")
+        raise _err(file, "data.val_fraction", f"must be between 0 and 1, got {d.val_fraction}")
+    _positive(file, d.synthetic, "n_train", "data.synthetic.n_train")
+    _positive(file, d.synthetic, "n_val", "data.synthetic.n_val")
     if not d.source.strip():
-        raise err("data.source", "must name synthetic, a Hub repo or a local path, got ''")
+        raise _err(file, "data.source", "must name synthetic, a Hub repo or a local path, got ''")
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", d.hub.repo_id):
-        raise err("data.hub.repo_id", f"must look like owner/name, got {d.hub.repo_id!r}")
+        raise _err(file, "data.hub.repo_id", f"must look like owner/name, got {d.hub.repo_id!r}")
     if not re.fullmatch(r"[\w./-]+", d.hub.revision) or ".." in d.hub.revision:
-        raise err("data.hub.revision", f"must be a commit, branch or tag, got {d.hub.revision!r}")
-    positive(p.tokenize, "num_proc", "tokenize.num_proc")
+        raise _err(
+            file, "data.hub.revision", f"must be a commit, branch or tag, got {d.hub.revision!r}"
+        )
+    _positive(file, p.tokenize, "num_proc", "tokenize.num_proc")
     if p.tokenize.num_proc > 256:
-        raise err("tokenize.num_proc", f"must be at most 256, got {p.tokenize.num_proc}")
-    positive(p.tokenize, "batch_stories", "tokenize.batch_stories")
+        raise _err(file, "tokenize.num_proc", f"must be at most 256, got {p.tokenize.num_proc}")
+    _positive(file, p.tokenize, "batch_stories", "tokenize.batch_stories")
+
+
+def _check_train(t: TrainParams, file: str) -> None:
     for name in (
         "max_steps",
         "batch_size",
@@ -264,19 +287,23 @@ def _check_values(p: Params, file: str) -> None:
         "lr",
         "eps",
     ):
-        positive(t, name, f"train.{name}")
+        _positive(file, t, name, f"train.{name}")
     for name in ("warmup_steps", "min_lr", "weight_decay", "grad_clip"):
-        positive(t, name, f"train.{name}", allow_zero=True)
+        _positive(file, t, name, f"train.{name}", allow_zero=True)
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(t, name) < 1:
-            raise err(f"train.{name}", f"must be in [0, 1), got {getattr(t, name)}")
+            raise _err(file, f"train.{name}", f"must be in [0, 1), got {getattr(t, name)}")
     if t.warmup_steps > t.max_steps:
-        raise err(
-            "train.warmup_steps", f"({t.warmup_steps}) exceeds train.max_steps ({t.max_steps})"
+        raise _err(
+            file,
+            "train.warmup_steps",
+            f"({t.warmup_steps}) exceeds train.max_steps ({t.max_steps})",
         )
     if not 0 <= t.warmup_start_factor <= 1:
-        raise err(
-            "train.warmup_start_factor", f"must be between 0 and 1, got {t.warmup_start_factor}"
+        raise _err(
+            file,
+            "train.warmup_start_factor",
+            f"must be between 0 and 1, got {t.warmup_start_factor}",
         )
     choices = {
         "device": ("auto", "cpu", "cuda", "mps"),
@@ -288,28 +315,28 @@ def _check_values(p: Params, file: str) -> None:
         v = getattr(t, name)
         if v not in allowed and not (name == "device" and str(v).startswith("cuda:")):
             words = ", ".join(str(a).lower() for a in allowed)
-            raise err(f"train.{name}", f"must be one of {words}, got {v!r}")
+            raise _err(file, f"train.{name}", f"must be one of {words}, got {v!r}")
     if t.vocab_pad_multiple != "auto" and (
         not isinstance(t.vocab_pad_multiple, int) or t.vocab_pad_multiple < 1
     ):
-        raise err(
+        raise _err(
+            file,
             "train.vocab_pad_multiple",
             f"must be 'auto' or an integer >= 1, got {t.vocab_pad_multiple!r}",
         )
-    positive(e, "batch_size", "eval.batch_size")
-    positive(e, "block_size", "eval.block_size", allow_zero=True)
-    if not s.prompts:
-        raise err("sample.prompts", "must list at least one prompt")
-    positive(s, "max_new_tokens", "sample.max_new_tokens", allow_zero=True)
-    positive(s, "temperature", "sample.temperature", allow_zero=True)
-    positive(s, "top_k", "sample.top_k")
-    if not 0 < s.top_p <= 1:
-        raise err("sample.top_p", f"must be in (0, 1], got {s.top_p}")
 
-    cfg = p.model_config()  # validates the preset and overrides
-    for key, block in (("train.block_size", t.block_size), ("eval.block_size", e.block_size)):
-        if block > cfg.context_length:
-            raise err(key, f"({block}) exceeds the model's context_length ({cfg.context_length})")
+
+def _check_eval_sample(p: Params, file: str) -> None:
+    e, s = p.eval, p.sample
+    _positive(file, e, "batch_size", "eval.batch_size")
+    _positive(file, e, "block_size", "eval.block_size", allow_zero=True)
+    if not s.prompts:
+        raise _err(file, "sample.prompts", "must list at least one prompt")
+    _positive(file, s, "max_new_tokens", "sample.max_new_tokens", allow_zero=True)
+    _positive(file, s, "temperature", "sample.temperature", allow_zero=True)
+    _positive(file, s, "top_k", "sample.top_k")
+    if not 0 < s.top_p <= 1:
+        raise _err(file, "sample.top_p", f"must be in (0, 1], got {s.top_p}")
 
 
 class ParamsLoader(yaml.SafeLoader):

@@ -29,10 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from gemma3.errors import Gemma3Error
+from gemma3.params import HUB_SOURCE, PINNED_REVISION
 
-TINYSTORIES = "roneneldan/TinyStories"
-# The TinyStories commit whose parquet files match the pins below (REFERENCE.md section 3).
-PINNED_REVISION = "7dfb18bd830e361f237a94bcdb466bc6e7b09050"
 PINS = {
     "data/train-00000-of-00004-2d5a1467fff1081b.parquet": (
         "77cf780cebe52b6e83e3a2ac84bc56d8059363113e41d17a023f1d8b2ed0fc0b"
@@ -60,7 +58,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 def pinned_sha256(repo_id: str, path: str) -> str:
     """The pinned sha256 of a TinyStories parquet file, or "" for any other file."""
-    return PINS.get(path, "") if repo_id == TINYSTORIES else ""
+    return PINS.get(path, "") if repo_id == HUB_SOURCE else ""
 
 
 def _offline_error(where: str, reason: object) -> Gemma3Error:
@@ -257,64 +255,19 @@ def prepare_hub(
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Download (or find in the HF cache) a TinyStories-style repo and write `raw_dir` from it."""
-    import httpx2
-    from huggingface_hub import HfApi, constants, hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub import constants
 
     from gemma3.data.raw import write_source_info
-    from gemma3.data.sources import is_shard_name, shard_set, write_parquet_splits
+    from gemma3.data.sources import write_parquet_splits
 
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
     cache = str(cache_dir) if cache_dir is not None else None
     where = f"{endpoint}/datasets/{repo_id}@{revision}"
-    local: dict[str, Path] = {}
     offline = constants.is_offline_mode()
     try:
         with _guarded_client():
-            if offline:
-                commit, files, local = _list_cached(repo_id, revision, cache)
-            else:
-                try:
-                    commit, files = _list_online(HfApi(endpoint=endpoint), repo_id, revision)
-                except (OSError, OfflineModeIsEnabled, httpx2.TransportError) as e:
-                    if isinstance(e, HfHubHTTPError):
-                        raise
-                    try:  # no network: the cache may hold the revision already
-                        commit, files, local = _list_cached(repo_id, revision, cache)
-                        offline = True
-                    except LocalEntryNotFoundError:
-                        raise _offline_error(where, e) from None
-            by_split: dict[str, list[tuple[str, int | None, str | None]]] = {
-                "train": [],
-                "validation": [],
-            }
-            for f in sorted(files):
-                split = _split_of(f[0])
-                if split:
-                    by_split[split].append(f)
-            missing = [s for s, fs in by_split.items() if not fs]
-            if missing:
-                raise Gemma3Error(f"{where}: no {' or '.join(missing)} parquet files under data/")
-            for split, fs in by_split.items():
-                names = [Path(f[0]) for f in fs]
-                if any(is_shard_name(n.name) for n in names) and not shard_set(names):
-                    state = "the HF cache holds" if offline else "the listing has"
-                    raise Gemma3Error(
-                        f"{where}: {state} an incomplete set of {split} shards "
-                        f"({', '.join(n.name for n in names)}); "
-                        + (
-                            "connect once to finish the download"
-                            if offline
-                            else "check the revision"
-                        )
-                    )
+            commit, files, local, offline = _list_files(endpoint, repo_id, revision, cache, where)
+            by_split = _group_by_split(files, where, offline)
             info: dict[str, Any] = {
                 "source": "hub",
                 "repo_id": repo_id,
@@ -323,63 +276,143 @@ def prepare_hub(
             }
             paths: dict[str, list[Path]] = {}
             for split, entries in by_split.items():
-                paths[split] = []
                 info[split] = {"files": {}}
-                for rel, size, listed in entries:
-                    expected = _expected_sha256(repo_id, rel, listed, verify)
-                    if rel in local:
-                        path = local[rel]
-                    else:
-                        progress = _capped_progress(size, rel) if size is not None else None
-                        path = Path(
-                            hf_hub_download(
-                                repo_id,
-                                rel,
-                                repo_type="dataset",
-                                revision=commit,
-                                endpoint=endpoint,
-                                cache_dir=cache,
-                                tqdm_class=progress,
-                            )
-                        )
-                    info[split]["files"][rel] = _verify(path, f"{repo_id}/{rel}", expected, size)
-                    paths[split].append(path)
+                paths[split] = [
+                    _fetch(entry, repo_id, commit, verify, endpoint, cache, local, info[split])
+                    for entry in entries
+                ]
             if not offline and revision != commit:
                 _remember_ref(repo_id, revision, commit, cache)
-    except LocalEntryNotFoundError as e:
-        reason = (
-            "offline (HF_HUB_OFFLINE) and not in the HF cache"
-            if offline
-            else _first_line(e.__cause__ or e)
-        )
-        raise _offline_error(where, reason) from None
-    except _Refused as e:
-        raise Gemma3Error(f"refusing the server's answer: {e}") from None
-    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
-        raise Gemma3Error(
-            f"{where}: HTTP {_status(e)} not found (wrong repo_id or revision?)"
-        ) from None
-    except EntryNotFoundError as e:
-        raise Gemma3Error(
-            f"{where}: a listed file is missing on the server ({_first_line(e)})"
-        ) from None
-    except HfHubHTTPError as e:
-        raise Gemma3Error(f"{where}: HTTP {_status(e)} ({_first_line(e)})") from None
-    except OSError as e:
-        if e.errno is not None:  # disk full, permissions: name the place it could not write
-            target = e.filename or cache or constants.HF_HUB_CACHE
-            raise Gemma3Error(
-                f"{target}: cannot write ({e.strerror}); free disk space in the HF cache "
-                "(HF_HOME / HF_HUB_CACHE) or point it elsewhere, then re-run"
-            ) from None
-        raise Gemma3Error(f"{where}: download failed ({_first_line(e)})") from None
-    except (ValueError, httpx2.HTTPError) as e:
-        raise Gemma3Error(f"{where}: download failed ({_first_line(e)})") from None
+    except Exception as e:
+        raise _hub_error(e, where, offline, cache) from None
     counts = write_parquet_splits(raw_dir, paths, where=f"{repo_id}@{commit}")
     for split in by_split:
         info[split] = {**counts[split], "files": info[split]["files"]}
     write_source_info(raw_dir, info)
     return info
+
+
+def _list_files(
+    endpoint: str, repo_id: str, revision: str, cache: str | None, where: str
+) -> tuple[str, list[tuple[str, int | None, str | None]], dict[str, Path], bool]:
+    """(commit, [(path, size, sha256)], cached paths, offline?): online, else from the HF cache."""
+    import httpx2
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    if constants.is_offline_mode():
+        return (*_list_cached(repo_id, revision, cache), True)
+    try:
+        commit, files = _list_online(HfApi(endpoint=endpoint), repo_id, revision)
+        return commit, files, {}, False
+    except (OSError, OfflineModeIsEnabled, httpx2.TransportError) as e:
+        if isinstance(e, HfHubHTTPError):
+            raise
+        try:  # no network: the cache may hold the revision already
+            return (*_list_cached(repo_id, revision, cache), True)
+        except LocalEntryNotFoundError:
+            raise _offline_error(where, e) from None
+
+
+def _group_by_split(
+    files: list[tuple[str, int | None, str | None]], where: str, offline: bool
+) -> dict[str, list[tuple[str, int | None, str | None]]]:
+    """The listed parquet files per split; a missing split or an incomplete shard set is an error."""
+    from gemma3.data.sources import is_shard_name, shard_set
+
+    by_split: dict[str, list[tuple[str, int | None, str | None]]] = {"train": [], "validation": []}
+    for f in sorted(files):
+        split = _split_of(f[0])
+        if split:
+            by_split[split].append(f)
+    missing = [s for s, fs in by_split.items() if not fs]
+    if missing:
+        raise Gemma3Error(f"{where}: no {' or '.join(missing)} parquet files under data/")
+    for split, fs in by_split.items():
+        names = [Path(f[0]) for f in fs]
+        if any(is_shard_name(n.name) for n in names) and not shard_set(names):
+            state = "the HF cache holds" if offline else "the listing has"
+            fix = "connect once to finish the download" if offline else "check the revision"
+            raise Gemma3Error(
+                f"{where}: {state} an incomplete set of {split} shards "
+                f"({', '.join(n.name for n in names)}); {fix}"
+            )
+    return by_split
+
+
+def _fetch(
+    entry: tuple[str, int | None, str | None],
+    repo_id: str,
+    commit: str,
+    verify: bool,
+    endpoint: str,
+    cache: str | None,
+    local: dict[str, Path],
+    split_info: dict[str, Any],
+) -> Path:
+    """One file from the HF cache or the server, verified; its hash and size go to `split_info`."""
+    from huggingface_hub import hf_hub_download
+
+    rel, size, listed = entry
+    expected = _expected_sha256(repo_id, rel, listed, verify)
+    if rel in local:
+        path = local[rel]
+    else:
+        progress = _capped_progress(size, rel) if size is not None else None
+        path = Path(
+            hf_hub_download(
+                repo_id,
+                rel,
+                repo_type="dataset",
+                revision=commit,
+                endpoint=endpoint,
+                cache_dir=cache,
+                tqdm_class=progress,
+            )
+        )
+    split_info["files"][rel] = _verify(path, f"{repo_id}/{rel}", expected, size)
+    return path
+
+
+def _hub_error(e: Exception, where: str, offline: bool, cache: str | None) -> Exception:
+    """The one-line error for whatever the client raised (a Gemma3Error passes through)."""
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(e, Gemma3Error):
+        return e
+    if isinstance(e, LocalEntryNotFoundError):
+        reason = (
+            "offline (HF_HUB_OFFLINE) and not in the HF cache"
+            if offline
+            else _first_line(e.__cause__ or e)
+        )
+        return _offline_error(where, reason)
+    if isinstance(e, _Refused):
+        return Gemma3Error(f"refusing the server's answer: {e}")
+    if isinstance(e, (RepositoryNotFoundError, RevisionNotFoundError)):
+        return Gemma3Error(f"{where}: HTTP {_status(e)} not found (wrong repo_id or revision?)")
+    if isinstance(e, EntryNotFoundError):
+        return Gemma3Error(f"{where}: a listed file is missing on the server ({_first_line(e)})")
+    if isinstance(e, HfHubHTTPError):
+        return Gemma3Error(f"{where}: HTTP {_status(e)} ({_first_line(e)})")
+    if isinstance(e, OSError) and e.errno is not None:
+        # Disk full, permissions: name the place it could not write.
+        target = e.filename or cache or constants.HF_HUB_CACHE
+        return Gemma3Error(
+            f"{target}: cannot write ({e.strerror}); free disk space in the HF cache "
+            "(HF_HOME / HF_HUB_CACHE) or point it elsewhere, then re-run"
+        )
+    if isinstance(e, (OSError, ValueError, httpx2.HTTPError)):
+        return Gemma3Error(f"{where}: download failed ({_first_line(e)})")
+    return e
 
 
 def _remember_ref(repo_id: str, revision: str, commit: str, cache_dir: str | None) -> None:
