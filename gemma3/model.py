@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from gemma3.config import SLIDING, Config
 
 # Rows of hidden states turned into logits at a time by the training loss (see chunked_loss).
-LOSS_CHUNK_ROWS = 1024
+LOSS_CHUNK_ROWS = 512
 
 
 class RMSNorm(nn.Module):
@@ -39,9 +39,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()  # a no-op in fp32
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * (1.0 + self.weight.float())).to(x.dtype)
+        # x * rsqrt(mean(x^2) + eps) * (1 + w) in fp32, in one fused op (bit-identical to the
+        # five-op form; `.float()` is a no-op in fp32).
+        out = F.rms_norm(x.float(), (x.shape[-1],), 1.0 + self.weight.float(), self.eps)
+        return out.to(x.dtype)
 
 
 def rope_cos_sin(
@@ -95,8 +96,8 @@ class LayerPlan:
     Exactly one of three attention modes applies:
     - `is_causal`: plain causal attention from position 0 (training; keeps SDPA's fast kernels);
     - `mask` (B, 1, Tq, Tk): an explicit boolean mask over the keys the layer attends to;
-    - `decode_mask` (B, S) or None: one new token attends to the cached slots and to itself
-      (`KVCache.update` returns the slots; None means every slot is visible).
+    - `decode`: one new token attends to the cached slots (and, in sliding layers, to itself);
+      `decode_bias` (B, 1, 1, S) is 0 where a slot may be seen and -inf where not, or None.
     """
 
     cos: torch.Tensor  # (B or 1, 1, T, head_dim)
@@ -104,7 +105,7 @@ class LayerPlan:
     is_causal: bool = False
     mask: torch.Tensor | None = None
     decode: bool = False
-    decode_mask: torch.Tensor | None = None
+    decode_bias: torch.Tensor | None = None
 
 
 class KVCache:
@@ -129,8 +130,15 @@ class KVCache:
         self.all_valid = True  # no padding seen yet: decode steps need no mask
         # Column held by each ring slot (-1: empty), the same for every sliding layer.
         self.ring_cols = torch.full((self.ring,), -1, dtype=torch.long, device=device)
-        self.k: list[torch.Tensor | None] = [None] * len(cfg.layer_types)
-        self.v: list[torch.Tensor | None] = [None] * len(cfg.layer_types)
+        # Keys are stored transposed, (B, n_kv, head_dim, S), so a one-token step's scores are
+        # one plain matmul (a transposed view would be copied on every step in bf16).
+        self.k_t: list[torch.Tensor | None] = [None] * len(cfg.layer_types)
+        self.v: list[torch.Tensor | None] = [None] * len(cfg.layer_types)  # (B, n_kv, S, hd)
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """The keys a layer holds, (B, n_kv, S, head_dim): slot s of a sliding layer holds the
+        column in `ring_cols[s]`, slot s of a full layer column s."""
+        return self.k_t[layer].transpose(-1, -2)
 
     def slots(self, layer_type: str) -> int:
         return self.ring if layer_type == SLIDING else self.max_len
@@ -155,14 +163,19 @@ class KVCache:
         q_cols = torch.arange(self.start, self.start + T, device=device)
         if T == 1:
             if layer_type == SLIDING:
-                cols = self.ring_cols  # (S,) then the query itself
+                cols = self.ring_cols  # (S,), then the query itself
                 held = (cols >= 0) & (self.start - cols < self.window)
                 mask = held[None] & self.valid[:, cols.clamp(min=0)]  # (B, S)
+                mask = F.pad(mask, (0, 1), value=True)  # (B, S + 1): a token sees itself
                 if self.all_valid and bool(held.all()):
                     mask = None
             else:
                 mask = None if self.all_valid else self.valid[:, : self.start + 1]  # (B, start + 1)
-            return {"decode": True, "decode_mask": mask}
+            bias = None
+            if mask is not None:
+                bias = torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))
+                bias = bias[:, None, None, :]  # (B, 1, 1, S)
+            return {"decode": True, "decode_bias": bias}
         if layer_type == SLIDING:
             k_cols = torch.cat((self.ring_cols, q_cols))
         else:
@@ -175,27 +188,29 @@ class KVCache:
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's k, v (B, n_kv, T, head_dim); return the keys/values to attend to.
+        """Store this step's k, v (B, n_kv, T, head_dim); return the keys to attend to,
+        transposed (B, n_kv, head_dim, S), and the values (B, n_kv, S, head_dim).
 
         Full layers: the buffer up to the current column (the new keys included). Sliding
         layers: the ring slots, followed by the new keys for a multi-token step; for a one-token
         step the ring only (the layer adds its own key), written after it has been read.
         """
         B, n_kv, T, hd = k.shape
-        if self.k[layer] is None:
+        if self.k_t[layer] is None:
             S = self.slots(self.layer_types[layer])
-            self.k[layer] = k.new_zeros(B, n_kv, S, hd)
+            self.k_t[layer] = k.new_zeros(B, n_kv, hd, S)
             self.v[layer] = v.new_zeros(B, n_kv, S, hd)
-        ck, cv = self.k[layer], self.v[layer]
+        ck, cv = self.k_t[layer], self.v[layer]
+        end = self.start + T
         if self.layer_types[layer] != SLIDING:
-            ck[:, :, self.start : self.start + T] = k
-            cv[:, :, self.start : self.start + T] = v
-            return ck[:, :, : self.start + T], cv[:, :, : self.start + T]
+            ck[..., self.start : end] = k.transpose(-1, -2)
+            cv[:, :, self.start : end] = v
+            return ck[..., :end], cv[:, :, :end]
         if T == 1:
             return ck, cv  # the caller writes with write_ring once attention has read the slots
-        keys, values = torch.cat((ck, k), dim=2), torch.cat((cv, v), dim=2)
+        keys_t, values = torch.cat((ck, k.transpose(-1, -2)), dim=-1), torch.cat((cv, v), dim=2)
         self.write_ring(layer, k, v)
-        return keys, values
+        return keys_t, values
 
     def write_ring(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Put the last W-1 of this step's keys into their ring slots (slot = column mod W-1)."""
@@ -203,7 +218,7 @@ class KVCache:
         keep = min(T, self.ring)
         cols = torch.arange(self.start + T - keep, self.start + T, device=k.device)
         slots = cols % self.ring
-        self.k[layer][:, :, slots] = k[:, :, T - keep :]
+        self.k_t[layer][..., slots] = k[:, :, T - keep :].transpose(-1, -2)
         self.v[layer][:, :, slots] = v[:, :, T - keep :]
 
     def end(self) -> None:
@@ -219,6 +234,7 @@ class KVCache:
             cols = self.ring_cols
         else:
             cols = torch.arange(self.seen, device=self.valid.device)
+            cols = F.pad(cols, (0, self.max_len - self.seen), value=-1)
         valid = self.valid[:, cols.clamp(min=0)] & (cols >= 0)
         real_before = self.valid[:, : self.seen].long().cumsum(dim=1) - 1
         pos = real_before[:, cols.clamp(min=0)]
@@ -253,10 +269,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, plan.cos, plan.sin), apply_rope(k, plan.cos, plan.sin)
 
         if plan.decode:
-            y = self._decode_step(q, k, v, plan.decode_mask, cache)  # (B, nh, 1, hd)
+            y = self._decode_step(q, k, v, plan.decode_bias, cache)  # (B, nh, 1, hd)
         else:
             if cache is not None:
-                k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
+                k_t, v = cache.update(self.layer_idx, k, v)  # (B, nkv, hd, S), (B, nkv, S, hd)
+                k = k_t.transpose(-1, -2)  # (B, nkv, S, hd)
             y = F.scaled_dot_product_attention(
                 q,
                 k,
@@ -274,7 +291,7 @@ class Attention(nn.Module):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        mask: torch.Tensor | None,
+        bias: torch.Tensor | None,
         cache: KVCache,
     ) -> torch.Tensor:
         """One new token: softmax over the cached keys and the token's own key, in fp32.
@@ -285,15 +302,15 @@ class Attention(nn.Module):
         B = q.shape[0]
         rep = self.n_heads // self.n_kv
         qg = q.view(B, self.n_kv, rep, self.head_dim)  # (B, nkv, rep, hd)
-        ck, cv = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
-        scores = (qg @ ck.transpose(-1, -2)).float() * self.scale  # (B, nkv, rep, S)
+        ck_t, cv = cache.update(self.layer_idx, k, v)  # (B, nkv, hd, S), (B, nkv, S, hd)
+        scores = qg @ ck_t  # (B, nkv, rep, S)
         if self.sliding:
-            own = (qg * k).sum(-1, keepdim=True).float() * self.scale  # (B, nkv, rep, 1)
+            own = qg @ k.transpose(-1, -2)  # (B, nkv, rep, 1)
             scores = torch.cat((scores, own), dim=-1)  # (B, nkv, rep, S + 1)
-        if mask is not None:
-            if self.sliding:
-                mask = F.pad(mask, (0, 1), value=True)  # the token always sees itself
-            scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        if bias is None:
+            scores = scores.float() * self.scale
+        else:
+            scores = torch.add(bias, scores.float(), alpha=self.scale)  # bias + scale * scores
         p = scores.softmax(dim=-1).to(v.dtype)
         if self.sliding:
             y = p[..., :-1] @ cv + p[..., -1:] * v  # (B, nkv, rep, hd)
