@@ -105,7 +105,7 @@ def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[t
 
 def in_dtype(model: Gemma3ForCausalLM, dtype: torch.dtype | None) -> Gemma3ForCausalLM:
     """The model with its weights in `dtype`: itself when they already are, else a converted copy
-    (built on the meta device, so the fp32 weights are never duplicated)."""
+    (built on the meta device: the only new memory is the converted weights)."""
     weight = model.lm_head.weight
     if dtype is None or weight.dtype == dtype:
         return model

@@ -118,7 +118,9 @@ class KVCache:
     many real tokens it has seen, so positions are right however the tokens are fed.
     """
 
-    def __init__(self, cfg: Config, batch_size: int, max_len: int, device=None) -> None:
+    def __init__(
+        self, cfg: Config, batch_size: int, max_len: int, device: torch.device | None = None
+    ) -> None:
         self.layer_types = cfg.layer_types
         self.window = cfg.sliding_window
         self.max_len = max_len
@@ -230,6 +232,9 @@ class KVCache:
 
     def held_positions(self, layer: int) -> torch.Tensor:
         """Positions (B, S) of the keys a layer holds between steps (-1: empty or padding)."""
+        S = self.slots(self.layer_types[layer])
+        if self.seen == 0:
+            return torch.full((self.valid.shape[0], S), -1, device=self.valid.device)
         if self.layer_types[layer] == SLIDING:
             cols = self.ring_cols
         else:
@@ -274,6 +279,12 @@ class Attention(nn.Module):
             if cache is not None:
                 k_t, v = cache.update(self.layer_idx, k, v)  # (B, nkv, hd, S), (B, nkv, S, hd)
                 k = k_t.transpose(-1, -2)  # (B, nkv, S, hd)
+            gqa = self.n_kv != self.n_heads
+            if gqa and plan.mask is not None and q.device.type != "cpu":
+                # GPU kernels for explicit masks lack GQA: expand K/V rather than fall to math.
+                rep = self.n_heads // self.n_kv
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+                gqa = False
             y = F.scaled_dot_product_attention(
                 q,
                 k,
@@ -281,7 +292,7 @@ class Attention(nn.Module):
                 attn_mask=plan.mask,
                 is_causal=plan.is_causal,
                 scale=self.scale,
-                enable_gqa=self.n_kv != self.n_heads,
+                enable_gqa=gqa,
             )  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh * hd)
         return self.o_proj(y)  # (B, T, emb_dim)
@@ -371,27 +382,33 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, vocab: int, chunk: int):  # noqa: ANN001, ANN205
-        w = weight[:vocab]  # (V, d)
+        device = h.device.type
+        autocast = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else weight.dtype
+        # Cast once: under autocast every chunk's three matmuls would cast the head again.
+        w = weight[:vocab].to(dtype)  # (V, d)
+        hs = h.to(dtype)  # (N, d)
         keep = targets != -100  # (N,)
         n = keep.sum().clamp(min=1)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.zeros_like(h)
+        grad_h = torch.empty_like(h)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         rows = torch.arange(min(chunk, h.shape[0]), device=h.device)
-        for s in range(0, h.shape[0], chunk):
-            hc, tc, kc = h[s : s + chunk], targets[s : s + chunk], keep[s : s + chunk]
-            logits = F.linear(hc, w)  # (c, V) in the compute dtype
-            compute_dtype = logits.dtype
-            logits = logits.float()
-            lse = logits.logsumexp(dim=-1)  # (c,)
-            tgt = logits[rows[: hc.shape[0]], tc.clamp(min=0)]
-            loss += ((lse - tgt) * kc).sum()
-            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            g[rows[: hc.shape[0]], tc.clamp(min=0)] -= 1.0
-            g *= (kc / n)[:, None]
-            g = g.to(compute_dtype)
-            grad_h[s : s + chunk] = g @ w.to(compute_dtype)
-            grad_w[:vocab] += g.t() @ hc.to(compute_dtype)
+        with torch.autocast(device, enabled=False):
+            for s in range(0, h.shape[0], chunk):
+                hc, tc, kc = hs[s : s + chunk], targets[s : s + chunk], keep[s : s + chunk]
+                r, t = rows[: hc.shape[0]], tc.clamp(min=0)
+                logits = F.linear(hc, w).float()  # (c, V)
+                lse = logits.logsumexp(dim=-1)  # (c,)
+                loss += ((lse - logits[r, t]) * kc).sum()
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g[r, t] -= 1.0
+                g = g.mul_((kc / n)[:, None]).to(dtype)  # d loss / d logits, (c, V)
+                grad_h[s : s + chunk] = g @ w
+                if dtype == grad_w.dtype:
+                    grad_w[:vocab].addmm_(g.t(), hc)  # accumulate without a temporary
+                else:
+                    grad_w[:vocab] += g.t() @ hc
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return loss / n
 
