@@ -217,6 +217,11 @@ class KVCache:
     def write_ring(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Put the last W-1 of this step's keys into their ring slots (slot = column mod W-1)."""
         T = k.shape[2]
+        if T == 1:  # the common decode step: one slice copy each
+            slot = self.start % self.ring
+            self.k_t[layer][..., slot : slot + 1] = k.transpose(-1, -2)
+            self.v[layer][:, :, slot : slot + 1] = v
+            return
         keep = min(T, self.ring)
         cols = torch.arange(self.start + T - keep, self.start + T, device=k.device)
         slots = cols % self.ring
