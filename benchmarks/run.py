@@ -10,7 +10,8 @@ against transformers' `generate` per dtype and against full recompute, with the 
 bound measured in the same run; the chunked loss's memory; peak RSS of 270M generation;
 tokenization against raw tiktoken (benchmarks/bench_tokenize.py, when present). Runs of the
 things compared are interleaved (ours, theirs, ours, ...) so load from other processes hits both;
-tables give medians and the min-max spread. A "## GPU" section already in RESULTS.md is kept.
+tables give medians and the min-max spread. The "## Profile notes" and "## GPU" sections of an
+existing RESULTS.md are kept (written by hand / by benchmarks/gpu.sh).
 """
 
 from __future__ import annotations
@@ -353,10 +354,16 @@ def tokenize_section() -> list[str]:
 
 
 # ---- RESULTS.md ----------------------------------------------------------------------------------
-def kept_gpu_section(text: str) -> str:
-    """The '## GPU' section (up to the next '## ' heading) of an existing RESULTS.md, if any."""
-    m = re.search(r"^## GPU.*?(?=^## (?!GPU)|\Z)", text, flags=re.M | re.S)
-    return m.group(0).rstrip() + "\n" if m else ""
+KEPT = ("Profile notes", "GPU")  # hand-written / separately measured sections a rerun keeps
+
+
+def kept_sections(text: str) -> str:
+    """The KEPT sections (each up to the next '## ' heading) of an existing RESULTS.md."""
+    kept = []
+    for name in KEPT:
+        for m in re.finditer(rf"^## {name}.*?(?=^## |\Z)", text, flags=re.M | re.S):
+            kept.append(m.group(0).rstrip() + "\n")
+    return "\n".join(kept)
 
 
 def main() -> None:
@@ -404,8 +411,8 @@ def main() -> None:
         "",
     ]
     text = "\n".join(header + body) + "\n"
-    gpu = kept_gpu_section(old)
-    args.out.write_text(text + ("\n" + gpu if gpu else ""))
+    kept = kept_sections(old)
+    args.out.write_text(text + ("\n" + kept if kept else ""))
     print(f"wrote {args.out}")
 
 
