@@ -98,7 +98,7 @@ def machine() -> list[str]:
         versions.append("transformers not installed")
     return [
         f"- Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
-        f"- CPU: {cpu}; {torch.get_num_threads()} torch threads; flags: {have}",
+        f"- CPU: {cpu}; torch threads: {torch.get_num_threads()}; flags: {have}",
         f"- Versions: {', '.join(versions)}",
     ]
 
