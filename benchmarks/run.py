@@ -1,7 +1,7 @@
 """Every CPU benchmark side by side in one process; writes benchmarks/RESULTS.md.
 
     python -m benchmarks.run                        # everything (10-15 min on 2 cores)
-    python -m benchmarks.run --only decode train    # some sections
+    python -m benchmarks.run --only decode --out /tmp/decode.md   # some sections, elsewhere
     python -m benchmarks.run --repeats 5 --new 200  # tighter medians, longer decode
 
 Sections: the training step against transformers' Gemma3ForCausalLM (same weights, same batch,
