@@ -143,7 +143,8 @@ def generate(
     a seed, row i samples from a generator seeded with seed + i. Greedy rows (temperature 0)
     generate exactly what they would alone; sampled rows do too, given seed + i alone.
     `dtype` runs the weights in that dtype (bf16 halves the bytes read per token, the limit of
-    batch-1 decoding on a CPU); `compile` compiles the one-token step with torch.compile.
+    batch-1 decoding on a CPU); `compile` runs the one-token steps through torch.compile (on a
+    CPU it compiles for a minute or more and measured no faster: see benchmarks/RESULTS.md).
     """
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     if not prompts:
