@@ -9,6 +9,10 @@ so a state dict converts 1:1. The math, in order, for one block:
 attn: GQA with RMSNorm on q and k (per head, before RoPE), half-split RoPE with base 1e4 on
 sliding-window layers and 1e6 on full layers, scores scaled by query_pre_attn_scalar**-0.5.
 Sliding window W: query i sees keys j with i - W < j <= i. mlp: GeGLU with tanh-GELU.
+
+A forward pass works out, once per layer type, what every layer of that type needs (RoPE tables,
+the attention mask, where the keys come from) in a `LayerPlan`; layers only apply it. Decoding
+keeps keys and values in a preallocated `KVCache` that counts its own tokens.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ import torch.nn.functional as F
 
 from gemma3.config import SLIDING, Config
 
+# Rows of hidden states turned into logits at a time by the training loss (see chunked_loss).
+LOSS_CHUNK_ROWS = 512
+
 
 class RMSNorm(nn.Module):
     """Gemma's RMSNorm: computed in fp32, scaled by (1 + w) with w initialised to zero."""
@@ -32,19 +39,23 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * (1.0 + self.weight.float())).to(x.dtype)
+        # x * rsqrt(mean(x^2) + eps) * (1 + w) in fp32, in one fused op (bit-identical to the
+        # five-op form; `.float()` is a no-op in fp32).
+        out = F.rms_norm(x.float(), (x.shape[-1],), 1.0 + self.weight.float(), self.eps)
+        return out.to(x.dtype)
 
 
 def rope_cos_sin(
     positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape (B, 1, T, head_dim) for integer positions of shape (B, T)."""
+    """cos/sin tables of shape (B, 1, T, head_dim) for integer positions of shape (B, T).
+
+    Angles are computed in fp32 and cast at the end, as transformers does.
+    """
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
     inv_freq = 1.0 / (base ** (exponent / head_dim))
-    angles = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2), in fp32
-    emb = torch.cat((angles, angles), dim=-1)
+    angles = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
+    emb = torch.cat((angles, angles), dim=-1)  # (B, T, head_dim)
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
 
@@ -55,42 +66,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-@dataclass
-class LayerCache:
-    """Keys (already rotated) and values seen so far by one layer, with their positions.
-
-    Sliding layers keep only the last W-1 entries: the next query at position p needs keys with
-    p - W < j <= p, and its own key arrives with it.
-    """
-
-    k: torch.Tensor | None = None  # (B, n_kv, S, head_dim)
-    v: torch.Tensor | None = None
-    pos: torch.Tensor | None = None  # (B, S) positions of the cached keys
-    valid: torch.Tensor | None = None  # (B, S) False for left padding
-
-
-class KVCache:
-    """One `LayerCache` per layer; pass the same object to successive forward calls."""
-
-    def __init__(self, n_layers: int) -> None:
-        self.layers = [LayerCache() for _ in range(n_layers)]
-
-    @property
-    def seq_len(self) -> int:
-        """Number of tokens fed so far (the full-attention layers keep them all)."""
-        lengths = [0 if c.pos is None else c.pos.shape[1] for c in self.layers]
-        return max(lengths) if lengths else 0
-
-
 def attention_mask(
     q_pos: torch.Tensor,
     k_pos: torch.Tensor,
     k_valid: torch.Tensor | None,
     window: int | None,
 ) -> torch.Tensor:
-    """Boolean mask (B, 1, Tq, Tk), True where query may attend: causal, windowed, not padding."""
+    """Boolean mask (B, 1, Tq, Tk), True where query may attend: causal, windowed, not padding.
+
+    `q_pos` (B, Tq) and `k_pos` (B, Tk) only need to differ by the right amounts (positions or
+    batch columns both work); a key position < 0 marks an empty cache slot.
+    """
     diff = q_pos[:, :, None] - k_pos[:, None, :]  # (B, Tq, Tk): how far back the key is
-    allowed = diff >= 0
+    allowed = (diff >= 0) & (k_pos >= 0)[:, None, :]
     if window is not None:
         allowed &= diff < window
     if k_valid is not None:
@@ -101,18 +89,179 @@ def attention_mask(
     return allowed[:, None]
 
 
+@dataclass
+class LayerPlan:
+    """What every layer of one type needs for this forward pass, built once per type.
+
+    Exactly one of three attention modes applies:
+    - `is_causal`: plain causal attention from position 0 (training; keeps SDPA's fast kernels);
+    - `mask` (B, 1, Tq, Tk): an explicit boolean mask over the keys the layer attends to;
+    - `decode`: one new token attends to the cached slots (and, in sliding layers, to itself);
+      `decode_bias` (B, 1, 1, S) is 0 where a slot may be seen and -inf where not, or None.
+    """
+
+    cos: torch.Tensor  # (B or 1, 1, T, head_dim)
+    sin: torch.Tensor
+    is_causal: bool = False
+    mask: torch.Tensor | None = None
+    decode: bool = False
+    decode_bias: torch.Tensor | None = None
+
+
+class KVCache:
+    """Preallocated keys and values for decoding; pass the same object to successive forwards.
+
+    Full-attention layers keep every token up to `max_len` in one buffer. Sliding layers keep a
+    ring of W-1 slots: the next query at column c needs keys c-W+1..c, and its own key arrives
+    with it, so a one-token step attends to the ring plus itself without copying either. Batch
+    rows are left-padded; the cache tracks, per column, which entries are real, and per row how
+    many real tokens it has seen, so positions are right however the tokens are fed.
+    """
+
+    def __init__(
+        self, cfg: Config, batch_size: int, max_len: int, device: torch.device | None = None
+    ) -> None:
+        self.layer_types = cfg.layer_types
+        self.window = cfg.sliding_window
+        self.max_len = max_len
+        self.ring = max(cfg.sliding_window - 1, 1)
+        self.seen = 0  # batch columns fed so far
+        self.start = 0  # first column of the current step
+        self.n_real = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.all_valid = True  # no padding seen yet: decode steps need no mask
+        # Column held by each ring slot (-1: empty), the same for every sliding layer.
+        self.ring_cols = torch.full((self.ring,), -1, dtype=torch.long, device=device)
+        # Keys are stored transposed, (B, n_kv, head_dim, S), so a one-token step's scores are
+        # one plain matmul (a transposed view would be copied on every step in bf16).
+        self.k_t: list[torch.Tensor | None] = [None] * len(cfg.layer_types)
+        self.v: list[torch.Tensor | None] = [None] * len(cfg.layer_types)  # (B, n_kv, S, hd)
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """The keys a layer holds, (B, n_kv, S, head_dim): slot s of a sliding layer holds the
+        column in `ring_cols[s]`, slot s of a full layer column s."""
+        return self.k_t[layer].transpose(-1, -2)
+
+    def slots(self, layer_type: str) -> int:
+        return self.ring if layer_type == SLIDING else self.max_len
+
+    def begin(self, valid: torch.Tensor) -> torch.Tensor:
+        """Record T new columns (valid: (B, T), False for padding); returns their positions."""
+        T = valid.shape[1]
+        if self.seen + T > self.max_len:
+            raise ValueError(f"KVCache holds {self.max_len} columns; {self.seen + T} requested")
+        self.start = self.seen
+        self.valid[:, self.start : self.start + T] = valid
+        self.all_valid = self.all_valid and bool(valid.all())
+        positions = self.n_real[:, None] + valid.long().cumsum(dim=1) - 1  # (B, T)
+        self.n_real += valid.sum(dim=1)
+        self.seen += T
+        return positions.clamp(min=0)
+
+    def plan_masks(self, layer_type: str, T: int) -> dict:
+        """Mask fields of a `LayerPlan` for this step, computed from the columns alone."""
+        device = self.valid.device
+        window = self.window if layer_type == SLIDING else None
+        q_cols = torch.arange(self.start, self.start + T, device=device)
+        if T == 1:
+            if layer_type == SLIDING:
+                cols = self.ring_cols  # (S,), then the query itself
+                held = (cols >= 0) & (self.start - cols < self.window)
+                mask = held[None] & self.valid[:, cols.clamp(min=0)]  # (B, S)
+                mask = F.pad(mask, (0, 1), value=True)  # (B, S + 1): a token sees itself
+                if self.all_valid and bool(held.all()):
+                    mask = None
+            else:
+                mask = None if self.all_valid else self.valid[:, : self.start + 1]  # (B, start + 1)
+            bias = None
+            if mask is not None:
+                bias = torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))
+                bias = bias[:, None, None, :]  # (B, 1, 1, S)
+            return {"decode": True, "decode_bias": bias}
+        if layer_type == SLIDING:
+            k_cols = torch.cat((self.ring_cols, q_cols))
+        else:
+            k_cols = torch.arange(self.start + T, device=device)
+        k_valid = self.valid[:, k_cols.clamp(min=0)]
+        B = self.valid.shape[0]
+        mask = attention_mask(q_cols.expand(B, T), k_cols.expand(B, -1), k_valid, window)
+        return {"mask": mask}
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k, v (B, n_kv, T, head_dim); return the keys to attend to,
+        transposed (B, n_kv, head_dim, S), and the values (B, n_kv, S, head_dim).
+
+        Full layers: the buffer up to the current column (the new keys included). Sliding
+        layers: the ring slots, followed by the new keys for a multi-token step; for a one-token
+        step the ring only (the layer adds its own key), written after it has been read.
+        """
+        B, n_kv, T, hd = k.shape
+        if self.k_t[layer] is None:
+            S = self.slots(self.layer_types[layer])
+            self.k_t[layer] = k.new_zeros(B, n_kv, hd, S)
+            self.v[layer] = v.new_zeros(B, n_kv, S, hd)
+        ck, cv = self.k_t[layer], self.v[layer]
+        end = self.start + T
+        if self.layer_types[layer] != SLIDING:
+            ck[..., self.start : end] = k.transpose(-1, -2)
+            cv[:, :, self.start : end] = v
+            return ck[..., :end], cv[:, :, :end]
+        if T == 1:
+            return ck, cv  # the caller writes with write_ring once attention has read the slots
+        keys_t, values = torch.cat((ck, k.transpose(-1, -2)), dim=-1), torch.cat((cv, v), dim=2)
+        self.write_ring(layer, k, v)
+        return keys_t, values
+
+    def write_ring(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Put the last W-1 of this step's keys into their ring slots (slot = column mod W-1)."""
+        T = k.shape[2]
+        if T == 1:  # the common decode step: one slice copy each
+            slot = self.start % self.ring
+            self.k_t[layer][..., slot : slot + 1] = k.transpose(-1, -2)
+            self.v[layer][:, :, slot : slot + 1] = v
+            return
+        keep = min(T, self.ring)
+        cols = torch.arange(self.start + T - keep, self.start + T, device=k.device)
+        slots = cols % self.ring
+        self.k_t[layer][..., slots] = k[:, :, T - keep :].transpose(-1, -2)
+        self.v[layer][:, :, slots] = v[:, :, T - keep :]
+
+    def end(self) -> None:
+        """After every layer has run: record which column each ring slot now holds."""
+        T = self.seen - self.start
+        keep = min(T, self.ring)
+        cols = torch.arange(self.seen - keep, self.seen, device=self.ring_cols.device)
+        self.ring_cols[cols % self.ring] = cols
+
+    def held_positions(self, layer: int) -> torch.Tensor:
+        """Positions (B, S) of the keys a layer holds between steps (-1: empty or padding)."""
+        S = self.slots(self.layer_types[layer])
+        if self.seen == 0:
+            return torch.full((self.valid.shape[0], S), -1, device=self.valid.device)
+        if self.layer_types[layer] == SLIDING:
+            cols = self.ring_cols
+        else:
+            cols = torch.arange(self.seen, device=self.valid.device)
+            cols = F.pad(cols, (0, self.max_len - self.seen), value=-1)
+        valid = self.valid[:, cols.clamp(min=0)] & (cols >= 0)
+        real_before = self.valid[:, : self.seen].long().cumsum(dim=1) - 1
+        pos = real_before[:, cols.clamp(min=0)]
+        return torch.where(valid, pos, torch.full_like(pos, -1))
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: Config, layer_type: str) -> None:
+    def __init__(self, cfg: Config, layer_type: str, layer_idx: int) -> None:
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_groups, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.layer_idx = layer_idx
         self.sliding = layer_type == SLIDING
-        self.window = cfg.sliding_window if self.sliding else None
-        self.rope_base = cfg.rope_local_base if self.sliding else cfg.rope_base
         self.scale = cfg.query_pre_attn_scalar**-0.5
         d = cfg.emb_dim
         self.q_proj = nn.Linear(d, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, cfg.n_kv_groups * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, cfg.n_kv_groups * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, d, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -120,66 +269,71 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        positions: torch.Tensor | None,
-        valid: torch.Tensor | None,
-        cache: LayerCache | None,
-    ) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+    def forward(self, x: torch.Tensor, plan: LayerPlan, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape  # batch, sequence length, emb_dim
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, plan.cos, plan.sin), apply_rope(k, plan.cos, plan.sin)
 
-        if positions is None and cache is None and valid is None:
-            # Training fast path: plain causal attention keeps SDPA's flash kernel; an explicit
-            # mask is only built when the window actually bites (T > W).
-            if self.window is None or T <= self.window:
-                return self._attend(q, k, v, mask=None, is_causal=True)
-            pos = torch.arange(T, device=x.device)[None]
-            mask = attention_mask(pos, pos, None, self.window)
-            return self._attend(q, k, v, mask=mask, is_causal=False)
+        if plan.decode:
+            y = self._decode_step(q, k, v, plan.decode_bias, cache)  # (B, nh, 1, hd)
+        else:
+            if cache is not None:
+                k_t, v = cache.update(self.layer_idx, k, v)  # (B, nkv, hd, S), (B, nkv, S, hd)
+                k = k_t.transpose(-1, -2)  # (B, nkv, S, hd)
+            gqa = self.n_kv != self.n_heads
+            if gqa and plan.mask is not None and q.device.type != "cpu":
+                # GPU kernels for explicit masks lack GQA: expand K/V rather than fall to math.
+                rep = self.n_heads // self.n_kv
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+                gqa = False
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=plan.mask,
+                is_causal=plan.is_causal,
+                scale=self.scale,
+                enable_gqa=gqa,
+            )  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh * hd)
+        return self.o_proj(y)  # (B, T, emb_dim)
 
-        assert positions is not None
-        k_pos = positions
-        k_valid = valid if valid is not None else torch.ones_like(positions, dtype=torch.bool)
-        if cache is not None:
-            if cache.k is not None:
-                k = torch.cat((cache.k, k), dim=2)
-                v = torch.cat((cache.v, v), dim=2)
-                k_pos = torch.cat((cache.pos, k_pos), dim=1)
-                k_valid = torch.cat((cache.valid, k_valid), dim=1)
-            keep = k.shape[2] if self.window is None else min(k.shape[2], self.window - 1)
-            s = k.shape[2] - keep
-            cache.k, cache.v = k[:, :, s:], v[:, :, s:]
-            cache.pos, cache.valid = k_pos[:, s:], k_valid[:, s:]
-        mask = attention_mask(positions, k_pos, k_valid, self.window)
-        return self._attend(q, k, v, mask=mask, is_causal=False)
-
-    def _attend(
+    def _decode_step(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        mask: torch.Tensor | None,
-        is_causal: bool,
+        bias: torch.Tensor | None,
+        cache: KVCache,
     ) -> torch.Tensor:
-        B, _, T, _ = q.shape
-        if self.n_kv != self.n_heads:
-            # Expanding K/V keeps every SDPA backend available (enable_gqa is not on all of them).
-            rep = self.n_heads // self.n_kv
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale
-        )
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        """One new token: softmax over the cached keys and the token's own key, in fp32.
+
+        Query heads sharing a KV head are stacked as rows of one matmul (no K/V expansion), and
+        the sliding ring is read in place: its oldest slot is overwritten only afterwards.
+        """
+        B = q.shape[0]
+        rep = self.n_heads // self.n_kv
+        qg = q.view(B, self.n_kv, rep, self.head_dim)  # (B, nkv, rep, hd)
+        ck_t, cv = cache.update(self.layer_idx, k, v)  # (B, nkv, hd, S), (B, nkv, S, hd)
+        scores = qg @ ck_t  # (B, nkv, rep, S)
+        if self.sliding:
+            own = qg @ k.transpose(-1, -2)  # (B, nkv, rep, 1)
+            scores = torch.cat((scores, own), dim=-1)  # (B, nkv, rep, S + 1)
+        if bias is None:
+            scores = scores.float() * self.scale
+        else:
+            scores = torch.add(bias, scores.float(), alpha=self.scale)  # bias + scale * scores
+        p = scores.softmax(dim=-1).to(v.dtype)
+        if self.sliding:
+            y = p[..., :-1] @ cv + p[..., -1:] * v  # (B, nkv, rep, hd)
+            cache.write_ring(self.layer_idx, k, v)
+        else:
+            y = p @ cv
+        return y.view(B, self.n_heads, 1, self.head_dim)
 
 
 class MLP(nn.Module):
@@ -196,27 +350,18 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Config, layer_type: str) -> None:
+    def __init__(self, cfg: Config, layer_type: str, layer_idx: int) -> None:
         super().__init__()
         self.layer_type = layer_type
-        self.self_attn = Attention(cfg, layer_type)
+        self.self_attn = Attention(cfg, layer_type, layer_idx)
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.emb_dim, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.emb_dim, cfg.rms_norm_eps)
         self.pre_feedforward_layernorm = RMSNorm(cfg.emb_dim, cfg.rms_norm_eps)
         self.post_feedforward_layernorm = RMSNorm(cfg.emb_dim, cfg.rms_norm_eps)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        positions: torch.Tensor | None,
-        valid: torch.Tensor | None,
-        cache: LayerCache | None,
-    ) -> torch.Tensor:
-        h = x + self.post_attention_layernorm(
-            self.self_attn(self.input_layernorm(x), rope, positions, valid, cache)
-        )
+    def forward(self, x: torch.Tensor, plan: LayerPlan, cache: KVCache | None) -> torch.Tensor:
+        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), plan, cache))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
@@ -226,8 +371,74 @@ class Gemma3Model(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.padded_vocab_size, cfg.emb_dim)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, lt) for lt in cfg.layer_types)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, lt, i) for i, lt in enumerate(cfg.layer_types)
+        )
         self.norm = RMSNorm(cfg.emb_dim, cfg.rms_norm_eps)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `h @ weight.T` (first `vocab` columns) without the full logits.
+
+    Rows are turned into fp32 logits `chunk` at a time, and the gradients with respect to `h` and
+    `weight` are computed in the same pass (softmax - one-hot), so neither the forward nor the
+    backward ever holds more than one chunk of logits.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, vocab: int, chunk: int):  # noqa: ANN001, ANN205
+        device = h.device.type
+        autocast = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else weight.dtype
+        # Cast once: under autocast every chunk's three matmuls would cast the head again.
+        w = weight[:vocab].to(dtype)  # (V, d)
+        hs = h.to(dtype)  # (N, d)
+        keep = targets != -100  # (N,)
+        n = keep.sum().clamp(min=1)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        rows = torch.arange(min(chunk, h.shape[0]), device=h.device)
+        with torch.autocast(device, enabled=False):
+            for s in range(0, h.shape[0], chunk):
+                hc, tc, kc = hs[s : s + chunk], targets[s : s + chunk], keep[s : s + chunk]
+                r, t = rows[: hc.shape[0]], tc.clamp(min=0)
+                logits = F.linear(hc, w).float()  # (c, V)
+                lse = logits.logsumexp(dim=-1)  # (c,)
+                loss += ((lse - logits[r, t]) * kc).sum()
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g[r, t] -= 1.0
+                g = g.mul_((kc / n)[:, None]).to(dtype)  # d loss / d logits, (c, V)
+                grad_h[s : s + chunk] = g @ w
+                if dtype == grad_w.dtype:
+                    grad_w[:vocab].addmm_(g.t(), hc)  # accumulate without a temporary
+                else:
+                    grad_w[:vocab] += g.t() @ hc
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out, grad_w * grad_out, None, None, None
+
+
+def chunked_loss(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab: int, chunk: int
+) -> torch.Tensor:
+    """Mean cross-entropy (ignore_index -100) of the lm head on rows of `h`, `chunk` rows at a time.
+
+    Equal to `F.cross_entropy(F.linear(h, weight)[:, :vocab].float(), targets)` in value and
+    gradients, but never materialises the (rows x vocab) fp32 logits: at micro-batch 32 x 128
+    with GPT-2's vocabulary those are 824 MB, plus as much again for their gradient.
+    """
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _ChunkedLinearCrossEntropy.apply(h, weight, targets, vocab, chunk)
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for s in range(0, h.shape[0], chunk):
+        logits = F.linear(h[s : s + chunk], weight[:vocab]).float()
+        total += F.cross_entropy(logits, targets[s : s + chunk], ignore_index=-100, reduction="sum")
+    return total / (targets != -100).sum().clamp(min=1)
 
 
 class Gemma3ForCausalLM(nn.Module):
@@ -249,8 +460,45 @@ class Gemma3ForCausalLM(nn.Module):
             elif isinstance(m, RMSNorm):
                 nn.init.zeros_(m.weight)
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config.n_layers)
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
+        """An empty cache for `batch_size` rows and up to `max_len` tokens (default: context)."""
+        device = self.lm_head.weight.device
+        return KVCache(self.config, batch_size, max_len or self.config.context_length, device)
+
+    def _plans(
+        self,
+        T: int,
+        positions: torch.Tensor | None,
+        valid: torch.Tensor | None,
+        cache: KVCache | None,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> dict[str, LayerPlan]:
+        """RoPE tables and masks, once per layer type present in the model."""
+        cfg = self.config
+        if cache is not None:
+            new_valid = valid if valid is not None else torch.ones(1, T, dtype=torch.bool)
+            new_valid = new_valid.to(device).expand(cache.valid.shape[0], T)
+            cache_pos = cache.begin(new_valid)
+            positions = positions if positions is not None else cache_pos
+        elif valid is not None and positions is None:
+            positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+        # Training mode: no cache, no padding, positions 0..T-1, so plain causal attention.
+        contiguous = cache is None and valid is None and positions is None
+        rope_pos = torch.arange(T, device=device)[None] if contiguous else positions
+        plans = {}
+        for lt in sorted(set(cfg.layer_types)):
+            base = cfg.rope_local_base if lt == SLIDING else cfg.rope_base
+            cos, sin = rope_cos_sin(rope_pos, cfg.head_dim, base, dtype)
+            window = cfg.sliding_window if lt == SLIDING else None
+            if cache is not None:
+                plans[lt] = LayerPlan(cos, sin, **cache.plan_masks(lt, T))
+            elif contiguous and (window is None or T <= window):
+                plans[lt] = LayerPlan(cos, sin, is_causal=True)
+            else:
+                q_pos = rope_pos.expand(positions.shape[0] if positions is not None else 1, T)
+                plans[lt] = LayerPlan(cos, sin, mask=attention_mask(q_pos, q_pos, valid, window))
+        return plans
 
     def forward(
         self,
@@ -261,41 +509,37 @@ class Gemma3ForCausalLM(nn.Module):
         valid: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab_size) and, with targets, the mean cross-entropy (ignore_index -100).
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(logits (B, T, vocab_size), None) or, with targets, (None, mean cross-entropy).
 
-        Training passes only `idx` (positions 0..T-1). Generation passes `positions` (B, T),
-        `valid` (B, T; False marks left padding) and a `cache` that this call extends.
+        Training passes `idx` (B, T) and `targets` (positions 0..T-1, ignore_index -100); the
+        loss is computed in chunks (`chunked_loss`), so no logits are returned with it.
+        Generation passes `valid` (B, T; False marks left padding) and a `cache` that this call
+        extends; positions then come from the cache (or from `valid` without one) unless given.
         `last_only` computes logits for the last position only (decoding).
         """
         cfg = self.config
         B, T = idx.shape
-        x = self.model.embed_tokens(idx)
+        x = self.model.embed_tokens(idx)  # (B, T, emb_dim)
         x = x * torch.tensor(math.sqrt(cfg.emb_dim), dtype=x.dtype, device=x.device)
-
-        if positions is None and cache is not None:
-            start = cache.seq_len
-            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
-        rope_pos = positions if positions is not None else torch.arange(T, device=idx.device)[None]
-        ropes = {
-            base: rope_cos_sin(rope_pos, cfg.head_dim, base, x.dtype)
-            for base in {cfg.rope_local_base, cfg.rope_base}
-        }
-        for i, layer in enumerate(self.model.layers):
-            rope = ropes[layer.self_attn.rope_base]
-            x = layer(x, rope, positions, valid, cache.layers[i] if cache is not None else None)
+        plans = self._plans(T, positions, valid, cache, x.dtype, idx.device)
+        for layer in self.model.layers:
+            x = layer(x, plans[layer.layer_type], cache)
+        if cache is not None:
+            cache.end()
         x = self.model.norm(x)
+        if targets is not None:
+            h = x.reshape(B * T, cfg.emb_dim)
+            loss = chunked_loss(
+                h, self.lm_head.weight, targets.reshape(-1), cfg.vocab_size, LOSS_CHUNK_ROWS
+            )
+            return None, loss
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(x)
+        logits = self.lm_head(x)  # (B, T, padded_vocab_size)
         if cfg.padded_vocab_size != cfg.vocab_size:
             logits = logits[..., : cfg.vocab_size]
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(
-                logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
-            )
-        return logits, loss
+        return logits, None
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

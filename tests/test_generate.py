@@ -14,15 +14,16 @@ import torch
 
 from gemma3.config import FULL, SLIDING, Config
 from gemma3.errors import Gemma3Error
-from gemma3.generate import generate, sample_next
+from gemma3.generate import generate, in_dtype, sample_next
 from gemma3.hf import save_checkpoint, to_transformers
 from gemma3.tokenizer import EOT_ID, decode, encode
 from tests.project import REPO, env
 from tests.test_hf_parity import random_model
 
-# Window 4 so the sliding cache wraps many times; GQA; a full layer keeps everything.
-GEN = Config(
-    name="gen-tiny",
+# Window 4 so the sliding cache wraps many times; GQA (the tiny preset's 2 KV heads for 4 query
+# heads); a full layer keeps everything.
+GEN = Config.from_name(
+    "gemma3-tiny",
     vocab_size=50257,
     context_length=1100,
     emb_dim=32,
@@ -108,6 +109,40 @@ def test_empty_prompt_starts_a_new_story_and_long_prompt_is_rejected(model) -> N
     # Generation stops at the context length instead of running past it.
     out = generate(model, [[1] * 1090], 50, temperature=0, stop_token=None)
     assert len(out[0]) == 1100 - 1090
+
+
+def test_small_vocabulary_pads_and_starts_with_its_own_ids() -> None:
+    """A vocabulary without GPT-2's <|endoftext|> (50256): padding and the empty-prompt start
+    token must be ids of this vocabulary."""
+    cfg = GEN.replace(vocab_size=320)
+    small = random_model(cfg, seed=5)
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [], [2, 7]]
+    batched = generate(small, prompts, 12, temperature=0, stop_token=None)
+    alone = [generate(small, [p], 12, temperature=0, stop_token=None)[0] for p in prompts]
+    assert batched == alone
+    assert batched[1] == generate(small, [[319]], 12, temperature=0, stop_token=None)[0]
+
+
+def test_sampled_rows_equal_each_prompt_alone_with_seed_plus_row(model) -> None:
+    prompts = [encode("Once upon a time"), encode("The dog ran"), encode("The dog ran")]
+    kw = dict(temperature=1.0, top_k=50, stop_token=None)
+    batched = generate(model, prompts, 20, seed=11, **kw)
+    alone = [generate(model, [p], 20, seed=11 + i, **kw)[0] for i, p in enumerate(prompts)]
+    assert batched == alone
+    assert batched[1] != batched[2]  # same prompt, own streams
+
+
+def test_bf16_decode_runs_the_weights_in_bf16_and_leaves_the_model_alone(model) -> None:
+    prompt = [encode("Once upon a time there was a pumpkin.")]
+    kw = dict(temperature=0, stop_token=None)
+    bf16 = in_dtype(model, torch.bfloat16)
+    assert bf16.lm_head.weight is bf16.model.embed_tokens.weight  # still tied
+    for name, t in bf16.state_dict().items():
+        assert torch.equal(t, model.state_dict()[name].to(torch.bfloat16)), name
+    got = generate(model, prompt, 40, dtype=torch.bfloat16, **kw)
+    assert model.lm_head.weight.dtype == torch.float32
+    assert got == generate(bf16, prompt, 40, **kw)
+    assert got != generate(model, prompt, 40, **kw)  # bf16 really ran (differs from fp32 here)
 
 
 def test_greedy_matches_transformers_generate(model) -> None:
