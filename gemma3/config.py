@@ -103,11 +103,6 @@ class Config:
         m = self.vocab_pad_multiple
         return ((self.vocab_size + m - 1) // m) * m
 
-    @property
-    def n_kv_groups(self) -> int:
-        """Old name of n_kv_heads, kept only until model.py reads n_kv_heads."""
-        return self.n_kv_heads
-
     def param_counts(self) -> dict[str, int]:
         """Parameter breakdown at the unpadded vocabulary (what the model 'is', not its storage)."""
         d, h, hd, kv = self.emb_dim, self.hidden_dim, self.head_dim, self.n_kv_heads
