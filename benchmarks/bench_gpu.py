@@ -207,6 +207,63 @@ def hf_decode_rate(hf: Any, new: int) -> float:
     return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - t)
 
 
+def engine_run(steps: int, bs: int) -> dict[str, Any]:
+    """The real train stage (`python -m stages.train`) on the 270M preset in a temp workspace.
+
+    This exercises the engine's own GPU paths (precision policy, torch.compile, fused AdamW with
+    its on-device non-finite guard, the padded head, pinned batch transfer, checkpoint writes) on
+    learnable patterned tokens, and reads its tokens/s and MFU from metrics/train.json.
+    """
+    import json
+    import os
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from tests.project import write_params, write_tokens
+
+    repo = Path(__file__).resolve().parents[1]
+    root = Path(tempfile.mkdtemp(prefix="gemma3-engine-"))
+    write_tokens(root, n_train=8_000_000, n_val=200_000, vocab=50257)
+    train = {
+        "max_steps": steps,
+        "batch_size": bs,
+        "block_size": 128,
+        "grad_accum": 1,
+        "lr": 6e-4,
+        "min_lr": 6e-5,
+        "warmup_steps": 10,
+        "eval_interval": steps,
+        "eval_batches": 4,
+        "log_interval": 20,
+        "checkpoint_interval": steps,
+        "compile": True,
+    }
+    write_params(root, model={"preset": "gemma3-270m", "overrides": {}}, train=train)
+    path = os.pathsep.join(x for x in (str(repo), os.environ.get("PYTHONPATH")) if x)
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+    t = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.train"], cwd=root, env=env, capture_output=True, text=True
+    )
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"train stage exit {proc.returncode}: {proc.stderr.strip()[-400:]}")
+    log(f"train stage stdout: {proc.stdout.strip().splitlines()[-1]}")
+    log("train stage plots/train.csv:\n" + (root / "plots/train.csv").read_text())
+    m = json.loads((root / "metrics/train.json").read_text())
+    row = {
+        "what": f"train stage (engine), {m['precision']}, compile, mb {bs}, last {20} steps",
+        "tokens/s": m["tokens_per_s"],
+        "MFU": m["mfu"] if m["mfu"] is not None else float("nan"),
+        "warm-up s": wall,
+        "loss": m["final_train_loss"],
+    }
+    ROWS.append(row)
+    log(f"engine: {m}")
+    return row
+
+
 def section(name: str, budget: float) -> contextlib.AbstractContextManager[Any]:
     @contextlib.contextmanager
     def guard() -> Any:
@@ -230,6 +287,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=30, help="timed steps per row")
     ap.add_argument("--budget", type=float, default=420, help="seconds; later sections skip")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
+    ap.add_argument("--engine-steps", type=int, default=80, help="0 skips the train-stage row")
     ap.add_argument("--cudagraphs", action="store_true", help="add a reduce-overhead row")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -331,6 +389,9 @@ def main() -> int:
                 steps=args.steps,
                 mode="reduce-overhead",
             )
+    with section("engine", args.budget) as ok:
+        if ok and args.engine_steps:
+            engine_run(args.engine_steps, 64)
     with section("decode", args.budget) as ok:
         if ok:
             torch._dynamo.reset()
