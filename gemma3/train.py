@@ -41,6 +41,7 @@ from gemma3.io import atomic_dir, atomic_write_json, atomic_write_text
 from gemma3.model import Gemma3ForCausalLM
 from gemma3.params import Params
 
+VAL_PLOTS = "val.csv"  # beside the plots file: step,val_loss at evaluated steps only
 PLOT_FIELDS = ("step", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu")
 
 # Dense bf16 peak FLOP/s (no sparsity), matched against torch.cuda.get_device_name().
@@ -325,6 +326,9 @@ def _write_plots(path: Path, rows: list[dict[str, Any]]) -> None:
     for r in rows:
         writer.writerow({k: ("" if r.get(k) is None else r[k]) for k in PLOT_FIELDS})
     atomic_write_text(path, buf.getvalue())
+    # Validation points only where evaluated: an empty cell would be drawn as 0 by DVC's plots.
+    val = "".join(f"{r['step']},{r['val_loss']}\n" for r in rows if r.get("val_loss") is not None)
+    atomic_write_text(path.with_name(VAL_PLOTS), "step,val_loss\n" + val)
 
 
 def _fmt(x: float | None, digits: int = 4) -> float | None:
