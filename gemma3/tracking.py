@@ -77,6 +77,17 @@ def _git_commit(root: Path) -> str | None:
     return r.stdout.strip() or None if r.returncode == 0 else None
 
 
+def _reason(e: BaseException) -> str:
+    """A short cause: MLflow's HTTP errors bury it after the URL and urllib3's retry text."""
+    text = " ".join(str(e).split())
+    if "timed out" in text:
+        timeout = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT")
+        return f"the server did not answer within {timeout} s (MLFLOW_HTTP_REQUEST_TIMEOUT)"
+    if "Connection refused" in text or "Failed to establish" in text:
+        return "connection refused: is the server running?"
+    return f"{type(e).__name__}: {text[:200]}"
+
+
 def _warn(message: str) -> None:
     print(f"tracking: warning: {' '.join(message.split())}", file=sys.stderr)
 
@@ -115,7 +126,7 @@ class Tracker:
             return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - any tracking failure must not stop the stage
             _warn(
-                f"MLflow {what} failed at {self.uri} ({type(e).__name__}: {str(e)[:200]}); "
+                f"MLflow {what} failed at {self.uri} ({_reason(e)}); "
                 "continuing without tracking, curves are still in metrics/ and plots/"
             )
             self._client = None
@@ -501,7 +512,7 @@ def start_run(
         )
     except Exception as e:  # noqa: BLE001
         _warn(
-            f"cannot start an MLflow run at {uri} ({type(e).__name__}: {str(e)[:200]}); "
+            f"cannot start an MLflow run at {uri} ({_reason(e)}); "
             "continuing without tracking, curves are still in metrics/ and plots/"
         )
         return Tracker(uri=uri)
