@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -196,11 +197,11 @@ def test_a_resumed_run_never_logs_a_step_twice(tmp_path: Path, monkeypatch) -> N
 PROMPT = "Once upon a time"
 
 
-def _greedy_cli(repo: Path, n: int) -> str:
+def _greedy_cli(repo: Path, n: int, *extra: str) -> str:
     proc = subprocess.run(
         [
             sys.executable, "-m", "gemma3.cli", "generate", PROMPT, "--temperature", "0",
-            "--max-new-tokens", str(n), "--device", "cpu",
+            "--max-new-tokens", str(n), "--device", "cpu", *extra,
         ],
         cwd=repo, env=tool_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -209,17 +210,51 @@ def _greedy_cli(repo: Path, n: int) -> str:
 
 
 @pytest.mark.slow
-def test_registered_model_predicts_and_serves_the_cli_greedy_story(
-    trained: Trained, tmp_path: Path
-) -> None:
+def test_the_pipelines_registered_model_predicts_the_cli_greedy_story(trained: Trained) -> None:
     import mlflow
 
-    repo = trained.repo
-    expected = _greedy_cli(repo, 20)
-    uri = f"sqlite:///{repo / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
+    expected = _greedy_cli(trained.repo, 20)
+    mlflow.set_tracking_uri(f"sqlite:///{trained.repo / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model("models:/gemma3-tinystories/latest")
     assert model.predict([PROMPT], params={"max_new_tokens": 20}) == [expected]
+
+
+def test_logged_model_is_registered_and_served_with_the_cli_greedy_story(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """An untrained model: its greedy text is varied gibberish, so any token mismatch shows."""
+    import mlflow
+    import torch
+
+    from gemma3.config import Config
+    from gemma3.hf import save_checkpoint
+    from gemma3.model import Gemma3ForCausalLM
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "checkpoints" / "best"
+    save_checkpoint(
+        Gemma3ForCausalLM(Config.from_name("gemma3-tiny")), ckpt, meta={"step": 7, "val_loss": 3.25}
+    )
+    tracker = start_run(
+        enabled=True,
+        experiment="served",
+        root=tmp_path,
+        tags={"stage": "train"},
+        registered_model="gemma3-tinystories",
+    )
+    tracker.log_artifact(ckpt, "checkpoint")
+    tracker.finish()
+    assert tracker.model_version == "1"
+    uri = tracking_uri(tmp_path)
+    client = mlflow.MlflowClient(uri)
+    mv = client.get_model_version("gemma3-tinystories", "1")
+    assert mv.run_id == tracker.run_id
+    assert mv.tags["val_loss"] == "3.25" and mv.tags["step"] == "7"
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+
+    expected = _greedy_cli(tmp_path, 20, "--model", str(ckpt))
+    assert len(set(expected.removeprefix(PROMPT).split())) > 3  # not one repeated token
 
     port = free_port()
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
@@ -245,8 +280,6 @@ def test_registered_model_predicts_and_serves_the_cli_greedy_story(
                     answer = json.loads(r.read())
                 break
             except OSError:
-                import time
-
                 time.sleep(0.5)
         assert answer == {"predictions": [expected]}, (tmp_path / "serve.log").read_text()[-3000:]
     finally:
