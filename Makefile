@@ -1,5 +1,6 @@
-# Two entry points for a fresh machine (see README): `make run` and `make test`.
-# Both create .venv on first use; later calls reuse it (delete .venv to start over).
+# Entry points for a fresh machine (see README): `make setup` (the environment only), `make run`
+# (environment + default pipeline) and `make test`.
+# Each creates .venv on first use; later calls reuse it (delete .venv to start over).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,7 +16,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export DVC_NO_ANALYTICS ?= 1
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: run test lint format clean-venv
+.PHONY: setup run test lint format clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,9 @@ $(VENV)/.installed-base: pyproject.toml | $(BIN)/python
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed-base
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
+
+## setup: only create .venv (then `. .venv/bin/activate`); no data, no training
+setup: $(VENV)/.installed-base
 
 ## run: set up .venv and run the default DVC pipeline (download -> tokenize -> train -> evaluate -> sample)
 run: $(VENV)/.installed-base
