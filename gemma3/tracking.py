@@ -537,17 +537,26 @@ def leaderboard(experiment: str | None = None, limit: int = 50) -> str:
         import mlflow
 
         mlflow.set_tracking_uri(uri)
-        df = mlflow.search_runs(experiment_names=[experiment], max_results=limit)
+        client = mlflow.MlflowClient(uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            names = ", ".join(e.name for e in client.search_experiments()) or "none"
+            raise Gemma3Error(
+                f"no MLflow experiment {experiment!r} at {uri} (experiments: {names}); "
+                "pick one with --experiment"
+            )
+        df = mlflow.search_runs([exp.experiment_id], max_results=limit)
+    except Gemma3Error:
+        raise
     except Exception as e:  # noqa: BLE001 - a store we cannot read is the user's to fix
-        raise Gemma3Error(
-            f"cannot read MLflow runs at {uri} ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
-        ) from None
+        raise Gemma3Error(f"cannot read MLflow runs at {uri} ({_reason(e)})") from None
     if df.empty:
         return f"no runs in experiment {experiment!r} at {uri}"
     params = [
         c for c in df.columns if c.startswith("params.") and not c.startswith("params.runtime")
     ]
-    differ = [c for c in params if df[c].astype(str).nunique(dropna=False) > 1]
+    # Runs that never logged a param (a run killed early) do not make it "differ".
+    differ = [c for c in params if df[c].dropna().astype(str).nunique() > 1]
     cols = {
         "tags.mlflow.runName": "run",
         **{c: c.removeprefix("params.") for c in differ},
@@ -562,7 +571,12 @@ def leaderboard(experiment: str | None = None, limit: int = 50) -> str:
         table[c] = table[c].map(lambda x: "-" if pd.isna(x) else f"{x:.4f}")
     table["tokens/s"] = table["tokens/s"].map(lambda x: "-" if pd.isna(x) else f"{x:,.0f}")
     header = f"experiment {experiment!r} at {uri}: {len(table)} runs, best eval loss first"
-    return header + "\n" + table.fillna("-").to_string(index=False)
+    view = f"#/experiments/{df['experiment_id'].iloc[0]}?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        ui = f"in the MLflow UI: {uri.rstrip('/')}/{view}"
+    else:
+        ui = f"in the MLflow UI: mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000/{view}"
+    return header + "\n" + table.fillna("-").to_string(index=False) + "\n" + ui
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -208,11 +208,15 @@ def test_queued_experiments_plots_and_leaderboard(repo_copy: Path, tmp_path: Pat
             )  # fmt: skip
             assert proc.returncode == 0, proc.stderr
             lines = proc.stdout.splitlines()
-            assert lines[1].split()[:2] == ["run", "train.lr"], lines
-            listed = [line.split()[0] for line in lines[2:]]
-            assert listed == order
-            for line in lines[2:]:
-                name = line.split()[0]
-                assert f"{evals[name]:.4f}" in line.split()
+            assert lines[1].split()[:2] == ["run", "train.lr"], lines  # the one param that differs
+            rows = [line.split() for line in lines[2:-1]]
+            assert [r[0] for r in rows] == order
+            for r in rows:
+                assert f"{evals[r[0]]:.4f}" in r
+            eid = server.get("/api/2.0/mlflow/experiments/get-by-name", experiment_name="e2e")
+            view = (
+                f"/#/experiments/{eid['experiment']['experiment_id']}?workflowType=machine_learning"
+            )
+            assert lines[-1].endswith(view), lines[-1]
     finally:
         server.close()
