@@ -364,9 +364,13 @@ def _log_transformers_model(uri: str, run_id: str | None, checkpoint: Path) -> s
         "# gemma3-tinystories\n\nGemma 3 architecture trained from scratch on TinyStories with "
         "the GPT-2 tokenizer.\n"
     )
-    # Defaults for every predict(); a caller overrides them per request with `params`.
+    # Defaults for every predict(): greedy, like `gemma3 generate --temperature 0`; a request
+    # overrides them with `params` (the sampling ones act only with do_sample=True).
     gen = {"max_new_tokens": 200, "do_sample": False}
-    signature = infer_signature(["Once upon a time"], ["Once upon a time ..."], params=gen)
+    sampling = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}  # transformers' own defaults
+    signature = infer_signature(
+        ["Once upon a time"], ["Once upon a time ..."], params={**gen, **sampling}
+    )
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):  # resumes the run; its end re-marks it terminated
         info = mlflow.transformers.log_model(

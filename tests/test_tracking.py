@@ -289,3 +289,46 @@ def test_logged_model_is_registered_and_served_with_the_cli_greedy_story(
         except subprocess.TimeoutExpired:
             serve.kill()
         log.close()
+
+
+def test_model_logging_or_registry_failures_warn_once_and_the_run_succeeds(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import mlflow
+    import torch
+
+    from gemma3.config import Config
+    from gemma3.hf import save_checkpoint
+    from gemma3.model import Gemma3ForCausalLM
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    torch.manual_seed(0)
+    good, broken = tmp_path / "good" / "best", tmp_path / "broken" / "best"
+    for d in (good, broken):
+        save_checkpoint(Gemma3ForCausalLM(Config.from_name("gemma3-tiny")), d, meta={"step": 1})
+    (broken / "vocab.json").unlink()  # no tokenizer: the pipeline cannot be built
+
+    client = mlflow.MlflowClient(tracking_uri(tmp_path))
+    cases = {
+        # A name the registry refuses stands in for a server without a model registry.
+        "registry": (good, "team/gemma3", "could not register the model as 'team/gemma3'"),
+        "model": (broken, "gemma3-tinystories", "could not log the checkpoint as an MLflow Model"),
+    }
+    for name, (ckpt, registered, warning) in cases.items():
+        capsys.readouterr()
+        tracker = start_run(
+            enabled=True, experiment=name, root=tmp_path, tags={"stage": "train"},
+            registered_model=registered,
+        )  # fmt: skip
+        tracker.log_artifact(ckpt, "checkpoint")
+        tracker.log_metrics({"best_val_loss": 1.5}, step=1)  # tracking goes on after the warning
+        tracker.finish()
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if "tracking: warning" in line]
+        assert len(lines) == 1 and warning in lines[0], err
+        run = client.get_run(tracker.run_id)
+        assert run.info.status == "FINISHED" and run.data.metrics["best_val_loss"] == 1.5
+        files = [f.path for f in client.list_artifacts(tracker.run_id, "checkpoint/best")]
+        assert "checkpoint/best/model.safetensors" in files
+        assert tracker.model_version is None
+    assert client.search_registered_models() == []
