@@ -536,6 +536,12 @@ def leaderboard(experiment: str | None = None, limit: int = 50) -> str:
         params = _read_yaml(project_root() / "params.yaml")
         experiment = (params.get("tracking") or {}).get("experiment") or "gemma3-tinystories"
     uri = tracking_uri()
+    db = uri.removeprefix("sqlite:///")
+    if uri.startswith("sqlite:///") and not Path(db).is_file():  # do not create an empty store
+        raise Gemma3Error(
+            f"no MLflow store at {db}: train first (dvc repro), run from the repository root, "
+            "or set MLFLOW_TRACKING_URI"
+        )
     try:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         import mlflow

@@ -160,3 +160,16 @@ def test_version_and_help_show_defaults_and_examples(checkpoint: Path) -> None:
     assert "(default: 0.8)" in gen and "(default: checkpoints/best)" in gen
     # Every --dtype value help offers is accepted (fp16 used to be offered, then rejected).
     assert "fp16" not in gen
+
+
+def test_runs_without_a_store_or_experiment_is_one_line(tmp_path: Path) -> None:
+    one_line_error(gemma3("runs", cwd=tmp_path), "no MLflow store at", "dvc repro")
+    assert list(tmp_path.iterdir()) == []  # no empty mlflow.db left behind
+    import mlflow
+
+    mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment("mine")
+    one_line_error(
+        gemma3("runs", "--experiment", "theirs", cwd=tmp_path),
+        "no MLflow experiment 'theirs'",
+        "mine",
+    )

@@ -47,8 +47,8 @@ def greedy_cli(repo: Path, max_new_tokens: int, *extra: str) -> str:
     return proc.stdout.removesuffix("\n")
 
 
-def test_baseline_outputs_and_mlflow_run(trained: Trained) -> None:
-    repo = trained.repo
+def test_baseline_outputs_and_mlflow_run(trained: Trained, repo_copy: Path) -> None:
+    repo = repo_copy  # dvc commands take the repo's lock: never run them in the shared baseline
     raw = (repo / "data/raw/train.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(raw) == 300 and all(json.loads(line)["text"] for line in raw)
     meta = read_json(repo / "data/tokens/meta.json")

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Trained
 from tests.dvcrepo import sh
 
 pytestmark = pytest.mark.slow
@@ -66,14 +65,14 @@ def local_page(html: str, bundle: Path) -> str:
     )
 
 
-def test_dvc_plots_render_the_truth_in_chromium(trained: Trained, tmp_path: Path) -> None:
+def test_dvc_plots_render_the_truth_in_chromium(repo_copy: Path, tmp_path: Path) -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium not installed (apt-get install -y chromium)")
     vl_convert = pytest.importorskip("vl_convert")
 
     out = tmp_path / "dvc_plots"
-    sh(["dvc", "plots", "show", "-o", str(out)], trained.repo)
+    sh(["dvc", "plots", "show", "-o", str(out)], repo_copy)
     bundle = out / "vega-bundle.js"
     bundle.write_text(vl_convert.javascript_bundle(), encoding="utf-8")
     page = out / "local.html"
