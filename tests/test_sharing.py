@@ -138,7 +138,8 @@ def test_pull_from_a_remote_without_the_object_fails_clearly(
     sh(["git", "clone", "-q", str(trained.repo), str(clone)], tmp_path)
     # No remote at all: dvc says so (README: run the pipeline instead).
     proc = sh(["dvc", "pull", "checkpoints/best"], clone, check=False)
-    assert proc.returncode != 0 and "no remote" in (proc.stdout + proc.stderr).lower()
+    assert proc.returncode != 0
+    assert "No remote provided and no default remote set" in proc.stdout + proc.stderr
     empty = tmp_path / "empty-remote"
     empty.mkdir()
     sh(["dvc", "remote", "add", "--local", "empty", str(empty)], clone)
