@@ -206,15 +206,16 @@ class Tracker:
 
     def _register(self, model_uri: str, checkpoint: Path) -> str | None:
         meta = _read_json(checkpoint / "gemma3.json")
-        run = self._client.get_run(self.run_id)
-        tags = {
-            "val_loss": meta.get("val_loss"),
-            "step": meta.get("step"),
-            "dvc.experiment": run.data.tags.get("dvc.exp_name") or "workspace (dvc repro)",
-            "git.commit": run.data.tags.get("mlflow.source.git.commit"),
-        }
         try:
             from mlflow.exceptions import MlflowException
+
+            run = self._client.get_run(self.run_id)
+            tags = {
+                "val_loss": meta.get("val_loss"),
+                "step": meta.get("step"),
+                "dvc.experiment": run.data.tags.get("dvc.exp_name") or "workspace (dvc repro)",
+                "git.commit": run.data.tags.get("mlflow.source.git.commit"),
+            }
 
             try:
                 self._client.create_registered_model(
