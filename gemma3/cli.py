@@ -194,7 +194,7 @@ def _check_export_target(src: Path, dst: Path) -> None:
         raise Gemma3Error(
             f"--out {dst}: is inside the checkpoint --model {src}; choose a new directory"
         )
-    if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
+    if dst.exists() and not dst.is_dir():
         raise Gemma3Error(f"--out {dst}: exists and is not a directory; choose a new directory")
     if not dst.exists() or not any(dst.iterdir()):
         return
