@@ -341,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--out",
         required=True,
+        default=argparse.SUPPRESS,  # no "(default: None)" in the help of a required option
         help="a new or empty directory, or a previous export (replaced atomically); "
         "anything else is refused",
     )
