@@ -1,5 +1,6 @@
-# Two entry points for a fresh machine (see README): `make run` and `make test`.
-# Both create .venv on first use; later calls reuse it (delete .venv to start over).
+# Entry points for a fresh machine (see README): `make setup` (the environment only), `make run`
+# (environment + default pipeline) and `make test`.
+# Each creates .venv on first use; later calls reuse it (delete .venv to start over).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,7 +16,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export DVC_NO_ANALYTICS ?= 1
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: run test lint format clean-venv
+.PHONY: setup run test lint format clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,9 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed-base
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
+## setup: only create .venv (then `. .venv/bin/activate`); no data, no training
+setup: $(VENV)/.installed-base
+
 ## run: set up .venv and run the default DVC pipeline (download -> tokenize -> train -> evaluate -> sample)
 run: $(VENV)/.installed-base
 	$(BIN)/dvc repro
@@ -43,7 +47,7 @@ test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python .ci/check_dvc_lock.py
-	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS); rc=$$?; \
+	$(BIN)/python -m pytest -n 2 --dist worksteal $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
 lint:

@@ -1,4 +1,4 @@
-"""The `gemma3` command: model info, generation, HF export.
+"""The `gemma3` command: model info, generation, HF export, recipes, the MLflow leaderboard.
 
 Each subcommand is a function `cmd_<name>(args) -> int`; `main` wires them to argparse and runs
 them through `run_main`, so user errors print one line instead of a traceback.
@@ -16,6 +16,10 @@ from gemma3.errors import run_main
 
 if TYPE_CHECKING:
     import torch
+
+
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
+DTYPE_CHOICES = ("fp32", "bf16", "float32", "bfloat16")  # gemma3.hf.DTYPES, without importing torch
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -113,9 +117,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     if args.num_samples < 1:
         raise Gemma3Error(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED - args.num_samples:
+        raise Gemma3Error(
+            f"--seed must be between 0 and {MAX_SEED - args.num_samples}, got {args.seed}"
+        )
     device, dtype = _device_dtype(args)
     model = load_checkpoint(args.model, device=device, dtype=dtype)
     ids = check_prompts([encode(prompt)], model.config)[0]  # before anything is printed
+    room = model.config.context_length - len(ids)
+    if args.max_new_tokens > room:
+        print(
+            f"--max-new-tokens {args.max_new_tokens} capped at {room}: the prompt's "
+            f"{len(ids)} tokens + {room} new fill the model's context of "
+            f"{model.config.context_length}",
+            file=sys.stderr,
+        )
     total_new, total_s = 0, 0.0
     for i in range(args.num_samples):
         if i:
@@ -145,19 +161,73 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export_hf(args: argparse.Namespace) -> int:
+# What `export-hf` writes (save_checkpoint's files): a directory holding only these, with our meta
+# file marking it as an export, is a previous export that may be replaced.
+EXPORT_FILES = frozenset(
+    {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "gemma3.json",
+    }
+)
+EXPORT_MARK = "exported_from"
+
+
+def _check_export_target(src: Path, dst: Path) -> None:
+    """Refuse any --out whose replacement could destroy something export-hf did not write."""
+    import json
+
     from gemma3.errors import Gemma3Error
+    from gemma3.hf import META
+
+    if dst == src or src.is_relative_to(dst):
+        raise Gemma3Error(
+            f"--out {dst}: contains the checkpoint --model {src}; choose a new directory"
+        )
+    if dst.is_relative_to(src):
+        raise Gemma3Error(
+            f"--out {dst}: is inside the checkpoint --model {src}; choose a new directory"
+        )
+    if dst.exists() and not dst.is_dir():
+        raise Gemma3Error(f"--out {dst}: exists and is not a directory; choose a new directory")
+    if not dst.exists() or not any(dst.iterdir()):
+        return
+    foreign = sorted(p.name for p in dst.iterdir() if p.name not in EXPORT_FILES or not p.is_file())
+    try:
+        marked = EXPORT_MARK in json.loads((dst / META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        marked = False
+    if foreign or not marked:
+        what = f"holds {foreign[0]!r}" if foreign else "was not written by gemma3 export-hf"
+        raise Gemma3Error(
+            f"--out {dst}: not empty and {what}; export-hf only replaces its own previous "
+            "exports: choose a new or empty directory"
+        )
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
     from gemma3.hf import load_checkpoint, read_meta, save_checkpoint
 
     dtype = _dtype(args.dtype)
     src, dst = Path(args.model).resolve(), Path(args.out).resolve()
-    if src == dst:
-        raise Gemma3Error("--out must differ from --model")
+    _check_export_target(src, dst)
     model = load_checkpoint(src)
     meta = {k: v for k, v in read_meta(src).items() if k not in ("preset", "config")}
-    save_checkpoint(model, dst, dtype=dtype, meta=meta)
+    save_checkpoint(model, dst, dtype=dtype, meta={**meta, EXPORT_MARK: str(src)})
     print(f"exported {src} -> {dst} ({args.dtype}); load with transformers:")
     print(f"  AutoModelForCausalLM.from_pretrained({str(dst)!r})")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from gemma3.tracking import leaderboard
+
+    print(leaderboard(experiment=args.experiment, limit=args.limit))
     return 0
 
 
@@ -192,48 +262,114 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show each option's default and keep the examples' line breaks."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gemma3-tinystories")
+    except PackageNotFoundError:  # pragma: no cover - run from a source tree without install
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gemma3.config import PRESETS
 
-    p = _Parser(prog="gemma3", description=__doc__.splitlines()[0])
+    p = _Parser(
+        prog="gemma3",
+        description=__doc__.splitlines()[0],
+        epilog="Run `gemma3 COMMAND --help` for a command's options and examples.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    info = sub.add_parser("info", help="print a preset's parameter breakdown")
+    def add(
+        name: str, help: str, examples: str, description: str | None = None
+    ) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help,
+            description=description or help[0].upper() + help[1:] + ".",
+            epilog="examples:\n" + examples,
+            formatter_class=_Help,
+        )
+
+    info = add(
+        "info",
+        "print a preset's parameter breakdown",
+        "  gemma3 info\n  gemma3 info --preset gemma3-tiny",
+    )
     info.add_argument("--preset", default="gemma3-270m", help=f"one of: {', '.join(PRESETS)}")
     info.set_defaults(func=cmd_info)
 
-    gen = sub.add_parser(
+    gen = add(
         "generate",
-        help="stream a story from a checkpoint directory",
+        "stream a story from a checkpoint directory",
+        '  gemma3 generate "Once upon a time"\n'
+        '  gemma3 generate "Once upon a time" --temperature 0 --max-new-tokens 50\n'
+        '  echo "The dog was sad because" | gemma3 generate --num-samples 3 --seed 1',
         description="Stream a continuation of PROMPT (or of stdin) from a checkpoint directory.",
     )
     gen.add_argument("prompt", nargs="?", help="the story's beginning; read from stdin if omitted")
     gen.add_argument("--model", default="checkpoints/best", help="checkpoint directory")
-    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument(
+        "--max-new-tokens", type=int, default=200, help="capped at what the context leaves"
+    )
     gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=200, help="0 = off")
     gen.add_argument("--top-p", type=float, default=0.95, help="1 = off")
-    gen.add_argument("--seed", type=int, default=None, help="fix for repeatable samples")
-    gen.add_argument("--num-samples", type=int, default=1)
+    gen.add_argument(
+        "--seed", type=int, default=None, help=f"0..{MAX_SEED}; fix for repeatable samples"
+    )
+    gen.add_argument("--num-samples", type=int, default=1, help="stories to generate")
     gen.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    gen.add_argument("--dtype", default="fp32", help="fp32 or bf16")
+    gen.add_argument("--dtype", default="fp32", choices=DTYPE_CHOICES, help="weights' dtype")
     gen.set_defaults(func=cmd_generate)
 
-    exp = sub.add_parser(
-        "export-hf", help="write a checkpoint as a transformers-loadable directory"
+    exp = add(
+        "export-hf",
+        "write a checkpoint as a transformers-loadable directory",
+        "  gemma3 export-hf --out exports/gemma3-hf\n"
+        "  gemma3 export-hf --model checkpoints/best --out exports/gemma3-bf16 --dtype bf16",
     )
     exp.add_argument("--model", default="checkpoints/best", help="checkpoint directory")
-    exp.add_argument("--out", required=True, help="output directory (replaced atomically)")
-    exp.add_argument("--dtype", default="fp32", help="fp32 or bf16")
+    exp.add_argument(
+        "--out",
+        required=True,
+        default=argparse.SUPPRESS,  # no "(default: None)" in the help of a required option
+        help="a new or empty directory, or a previous export (replaced atomically); "
+        "anything else is refused",
+    )
+    exp.add_argument("--dtype", default="fp32", choices=DTYPE_CHOICES, help="stored dtype")
     exp.set_defaults(func=cmd_export_hf)
 
-    rec = sub.add_parser("recipe", help="print a named recipe as dvc exp run -S arguments")
+    rec = add(
+        "recipe",
+        "print a named recipe as dvc exp run -S arguments",
+        "  gemma3 recipe\n  dvc exp run $(gemma3 recipe seed-270m)\n"
+        "  gemma3 recipe seed-270m --command",
+    )
     rec.add_argument("name", nargs="?", help="recipe name; omit to list them")
     rec.add_argument(
         "--command", dest="command_line", action="store_true", help="print the whole command"
     )
     rec.set_defaults(func=cmd_recipe)
+
+    runs = add(
+        "runs",
+        "list MLflow runs as a leaderboard, best eval loss first",
+        "  gemma3 runs\n  MLFLOW_TRACKING_URI=http://team-server:5000 gemma3 runs --limit 20",
+        description="List MLflow runs as a leaderboard, best eval loss first: run name, the "
+        "params that differ between runs, best val loss, eval loss, tokens/s. Reads "
+        "MLFLOW_TRACKING_URI, else this project's mlflow.db.",
+    )
+    runs.add_argument("--experiment", default=None, help="default: params.yaml tracking.experiment")
+    runs.add_argument("--limit", type=int, default=50, help="most runs shown")
+    runs.set_defaults(func=cmd_runs)
 
     return p
 

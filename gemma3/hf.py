@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from gemma3.config import FULL, SLIDING, Config, ConfigError
 from gemma3.errors import Gemma3Error
-from gemma3.fileio import atomic_dir, atomic_write_json, recover_dir
+from gemma3.fileio import _UMASK, atomic_dir, atomic_write_json, recover_dir
 from gemma3.model import Gemma3ForCausalLM
 from gemma3.tokenizer import EOT_ID, write_hf_tokenizer_files
 
@@ -209,6 +209,7 @@ def write_safetensors(
         save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as e:
         raise OSError(f"{path}: cannot write ({e}); check the free disk space") from None
+    os.chmod(path, 0o666 & ~_UMASK)  # save_file creates 0600 whatever the umask: teammates read it
 
 
 def save_checkpoint(

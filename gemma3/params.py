@@ -120,6 +120,7 @@ class SampleParams:
 class TrackingParams:
     enabled: bool = True
     experiment: str = "gemma3-tinystories"
+    registered_model: str = "gemma3-tinystories"  # MLflow Model Registry name; "" = do not register
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ from gemma3.runtime import (
 )
 
 PLOT_FIELDS = ("step", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu")
+VAL_PLOTS = "val.csv"  # beside the plots file: step,val_loss at evaluated steps only
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
 Tracker = Any  # gemma3.tracking's run (log_params, log_metrics, log_artifact, finish) or None
@@ -604,6 +605,9 @@ def _write_plots(path: Path, rows: list[dict[str, Any]]) -> None:
     for r in rows:
         writer.writerow({k: ("" if r.get(k) is None else r[k]) for k in PLOT_FIELDS})
     atomic_write_text(path, buf.getvalue())
+    # Validation points only where evaluated: an empty cell would be drawn as 0 by DVC's plots.
+    val = "".join(f"{r['step']},{r['val_loss']}\n" for r in rows if r.get("val_loss") is not None)
+    atomic_write_text(path.with_name(VAL_PLOTS), "step,val_loss\n" + val)
 
 
 class StopFlag:

@@ -34,6 +34,8 @@ def main() -> None:
             experiment=p.tracking.experiment,
             run_id=run_id,
             tags={"preset": cfg.name, "device": str(runtime.device), "stage": "train"},
+            registered_model=p.tracking.registered_model or None,
+            data_dir=PATHS.data_dir,
         )
 
     metrics = train(p, PATHS, tracker_factory=tracker if p.tracking.enabled else None)

@@ -99,6 +99,53 @@ def make_repo(root: Path, params: dict[str, Any] | None = None) -> Path:
     return root
 
 
+def build_trained_repo(root: Path) -> Path:
+    """The shared baseline: a tiny pipeline reproduced once and committed (DVC cache included).
+
+    `root/run_commit` holds the commit the training ran at (what MLflow tags point at).
+    """
+    repo = make_repo(root / "repo")
+    run_commit = sh(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+    sh(["dvc", "repro"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-q", "-m", "baseline run"], repo)
+    (root / "run_commit").write_text(run_commit, encoding="utf-8")
+    return repo
+
+
+def copy_repo(src: Path, dst: Path) -> Path:
+    """A private copy of a trained repo: git, DVC cache, outputs and the MLflow store.
+
+    MLflow stores absolute artifact locations; they are rewritten to point into the copy, so
+    new runs in the copy never write into the original (shared by other tests).
+    """
+    import sqlite3
+
+    shutil.copytree(src, dst, symlinks=True)
+    db = dst / "mlflow.db"
+    if db.exists():
+        con = sqlite3.connect(db)
+        try:
+            tables = [
+                r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            ]
+            for t in tables:
+                cols = [
+                    r[1]
+                    for r in con.execute(f"PRAGMA table_info('{t}')")
+                    if "CHAR" in r[2].upper() or "TEXT" in r[2].upper()
+                ]
+                for c in cols:
+                    con.execute(
+                        f'UPDATE "{t}" SET "{c}" = replace("{c}", ?, ?) WHERE instr("{c}", ?) > 0',
+                        (str(src), str(dst), str(src)),
+                    )
+            con.commit()
+        finally:
+            con.close()
+    return dst
+
+
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 

@@ -239,6 +239,7 @@ def test_ddp_two_processes_match_single_process_accumulation(tmp_path: Path) -> 
             "data/tokens/meta.json",
             "metrics/train.json",
             "plots/train.csv",
+            "plots/val.csv",
             "checkpoints/state/state.json",
             "checkpoints/state/state.safetensors",
         ]
