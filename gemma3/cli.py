@@ -276,8 +276,6 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gemma3.config import PRESETS
-
     p = _Parser(
         prog="gemma3",
         description=__doc__.splitlines()[0],
@@ -296,6 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
             epilog="examples:\n" + examples,
             formatter_class=_Help,
         )
+
+    _add_model_commands(add)
+    _add_project_commands(add)
+    return p
+
+
+AddCommand = Callable[..., argparse.ArgumentParser]
+
+
+def _add_model_commands(add: AddCommand) -> None:
+    """info, generate, export-hf: commands about a preset or a checkpoint."""
+    from gemma3.config import PRESETS
 
     info = add(
         "info",
@@ -347,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", default="fp32", choices=DTYPE_CHOICES, help="stored dtype")
     exp.set_defaults(func=cmd_export_hf)
 
+
+def _add_project_commands(add: AddCommand) -> None:
+    """recipe, runs: commands about the pipeline's experiments."""
     rec = add(
         "recipe",
         "print a named recipe as dvc exp run -S arguments",
@@ -370,8 +383,6 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--experiment", default=None, help="default: params.yaml tracking.experiment")
     runs.add_argument("--limit", type=int, default=50, help="most runs shown")
     runs.set_defaults(func=cmd_runs)
-
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -78,7 +78,7 @@ def _git_commit(root: Path) -> str | None:
 
 
 def _reason(e: BaseException) -> str:
-    """A short cause: MLflow's HTTP errors bury it after the URL and urllib3's retry text."""
+    """A short cause: MLflow's HTTP errors bury it after the URL and the HTTP library's retry text."""
     text = " ".join(str(e).split())
     if "timed out" in text:
         timeout = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT")
@@ -470,51 +470,31 @@ def start_run(
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
-        if run_id:
-            try:
-                run = client.get_run(run_id)
-            except MlflowException as e:  # unknown run id in this store: start a new run
-                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-                    raise
-                run = None
-            if run is not None and run.info.lifecycle_stage != "deleted":
-                # A resumed training run is running again; evaluate/sample only add to it.
-                first_step = 0
-                if training:
-                    mark_dead_runs(client, run.info.experiment_id, keep=run_id)
-                    if run.info.status != "RUNNING":
-                        client.update_run(run_id, status="RUNNING")
-                    first_step = _last_logged_step(client, run_id) + 1
-                tracker = Tracker(
-                    client,
-                    run_id,
-                    uri,
-                    owns_run=training,
-                    registered_model=registered_model,
-                    first_step=first_step,
-                )
-                tracker.set_tags({**dict(tags or {}), **owner})
-                return tracker
+        run = _existing_run(client, run_id, MlflowException) if run_id else None
+        if run is not None:
+            # A resumed training run is running again; evaluate/sample only add to it.
+            first_step = 0
+            if training:
+                mark_dead_runs(client, run.info.experiment_id, keep=run.info.run_id)
+                if run.info.status != "RUNNING":
+                    client.update_run(run.info.run_id, status="RUNNING")
+                first_step = _last_logged_step(client, run.info.run_id) + 1
+            tracker = Tracker(
+                client,
+                run.info.run_id,
+                uri,
+                owns_run=training,
+                registered_model=registered_model,
+                first_step=first_step,
+            )
+            tracker.set_tags({**dict(tags or {}), **owner})
+            return tracker
         local = not os.environ.get("MLFLOW_TRACKING_URI")
         exp_id = _experiment_id(client, experiment, root / "mlartifacts" if local else None)
         if training:
             mark_dead_runs(client, exp_id)
-        exp_name = os.environ.get("DVC_EXP_NAME")
-        commit = _git_commit(root)
-        all_tags = {
-            "dvc.exp_name": exp_name,
-            "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV") or commit,
-            "mlflow.source.git.commit": commit,
-            "mlflow.source.name": "dvc exp run" if exp_name else "dvc repro",
-            **dict(tags or {}),
-            **owner,
-        }
-        default_name = f"repro@{commit[:7]}" if commit else None
-        run = client.create_run(
-            exp_id,
-            run_name=run_name or exp_name or default_name,
-            tags={k: str(v) for k, v in all_tags.items() if v is not None},
-        )
+        name, all_tags = _new_run_identity(root, run_name, {**dict(tags or {}), **owner})
+        run = client.create_run(exp_id, run_name=name, tags=all_tags)
     except Exception as e:  # noqa: BLE001
         _warn(
             f"cannot start an MLflow run at {uri} ({_reason(e)}); "
@@ -525,6 +505,36 @@ def start_run(
     if data_dir is not None:
         tracker.log_dataset(data_dir, root)
     return tracker
+
+
+def _existing_run(client: Any, run_id: str, not_found: type[Exception]) -> Any:
+    """The run `run_id` if this store has it (and it is not deleted), else None."""
+    try:
+        run = client.get_run(run_id)
+    except not_found as e:  # unknown run id in this store: start a new run
+        if getattr(e, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return None
+    return None if run.info.lifecycle_stage == "deleted" else run
+
+
+def _new_run_identity(
+    root: Path, run_name: str | None, tags: dict[str, Any]
+) -> tuple[str | None, dict[str, str]]:
+    """A new run's name (DVC experiment, else `repro@<sha>`) and its provenance tags."""
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    commit = _git_commit(root)
+    all_tags = {
+        "dvc.exp_name": exp_name,
+        "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV") or commit,
+        "mlflow.source.git.commit": commit,
+        "mlflow.source.name": "dvc exp run" if exp_name else "dvc repro",
+        **tags,
+    }
+    default_name = f"repro@{commit[:7]}" if commit else None
+    return run_name or exp_name or default_name, {
+        k: str(v) for k, v in all_tags.items() if v is not None
+    }
 
 
 def leaderboard(experiment: str | None = None, limit: int = 50) -> str:
