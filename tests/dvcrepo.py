@@ -229,3 +229,19 @@ def tags(run: dict[str, Any]) -> dict[str, str]:
 
 def metrics(run: dict[str, Any]) -> dict[str, float]:
     return {m["key"]: m["value"] for m in run["data"].get("metrics", [])}
+
+
+PROMPT = "Once upon a time"
+
+
+def greedy_cli(repo: Path, max_new_tokens: int, *extra: str) -> str:
+    """`gemma3 generate --temperature 0` as a user runs it (prompt + completion on stdout)."""
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "gemma3.cli", "generate", PROMPT, "--temperature", "0",
+            "--max-new-tokens", str(max_new_tokens), "--device", "cpu", *extra,
+        ],
+        cwd=repo, env=tool_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.removesuffix("\n")

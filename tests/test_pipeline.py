@@ -15,12 +15,11 @@ import pytest
 import yaml
 
 from tests.conftest import Trained
-from tests.dvcrepo import MlflowServer, metrics, read_json, sh, tags, tool_env
+from tests.dvcrepo import PROMPT, MlflowServer, greedy_cli, metrics, read_json, sh, tags, tool_env
 
 pytestmark = pytest.mark.slow
 
 STEPS, LOG, EVAL = 12, 3, 6  # tests/dvcrepo.TINY_PIPELINE
-PROMPT = "Once upon a time"
 
 
 def _csv(path: Path) -> list[dict[str, str]]:
@@ -32,19 +31,6 @@ def _set_param(repo: Path, section: str, key: str, value: object) -> None:
     p = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8"))
     p[section][key] = value
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False), encoding="utf-8")
-
-
-def greedy_cli(repo: Path, max_new_tokens: int, *extra: str) -> str:
-    """`gemma3 generate --temperature 0` as a user runs it (prompt + completion on stdout)."""
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "gemma3.cli", "generate", PROMPT, "--temperature", "0",
-            "--max-new-tokens", str(max_new_tokens), "--device", "cpu", *extra,
-        ],
-        cwd=repo, env=tool_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.removesuffix("\n")
 
 
 def test_baseline_outputs_and_mlflow_run(trained: Trained, repo_copy: Path) -> None:

@@ -13,11 +13,10 @@ import pytest
 import yaml
 
 from tests.conftest import Trained
-from tests.dvcrepo import REPO, sh, tool_env
+from tests.dvcrepo import PROMPT, REPO, sh, tool_env
 
 pytestmark = pytest.mark.slow
 
-PROMPT = "Once upon a time"
 README_DVC_REMOTE = "/mnt/shared/gemma3-dvc"
 README_GIT_URL = "git@example.com:team/gemma3-tinystories.git"
 

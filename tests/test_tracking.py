@@ -19,7 +19,7 @@ import pytest
 
 from gemma3.tracking import flatten, start_run, tracking_uri
 from tests.conftest import Trained
-from tests.dvcrepo import free_port, read_json, tool_env
+from tests.dvcrepo import PROMPT, free_port, greedy_cli, read_json, tool_env
 from tests.project import TINY_TRAIN, env, stage_cmd, write_params, write_tokens
 
 
@@ -196,26 +196,11 @@ def test_a_resumed_run_never_logs_a_step_twice(tmp_path: Path, monkeypatch) -> N
     assert client.get_run(first.run_id).info.status == "FINISHED"
 
 
-PROMPT = "Once upon a time"
-
-
-def _greedy_cli(repo: Path, n: int, *extra: str) -> str:
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "gemma3.cli", "generate", PROMPT, "--temperature", "0",
-            "--max-new-tokens", str(n), "--device", "cpu", *extra,
-        ],
-        cwd=repo, env=tool_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.removesuffix("\n")
-
-
 @pytest.mark.slow
 def test_the_pipelines_registered_model_predicts_the_cli_greedy_story(trained: Trained) -> None:
     import mlflow
 
-    expected = _greedy_cli(trained.repo, 20)
+    expected = greedy_cli(trained.repo, 20)
     mlflow.set_tracking_uri(f"sqlite:///{trained.repo / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model("models:/gemma3-tinystories/latest")
     assert model.predict([PROMPT], params={"max_new_tokens": 20}) == [expected]
@@ -255,7 +240,7 @@ def test_logged_model_is_registered_and_served_with_the_cli_greedy_story(
     assert mv.tags["val_loss"] == "3.25" and mv.tags["step"] == "7"
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
 
-    expected = _greedy_cli(tmp_path, 20, "--model", str(ckpt))
+    expected = greedy_cli(tmp_path, 20, "--model", str(ckpt))
     assert len(set(expected.removeprefix(PROMPT).split())) > 3  # not one repeated token
 
     port = free_port()
