@@ -65,10 +65,15 @@ def _dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def _device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
-    from gemma3.runtime import resolve_device
+def _generation_precision(args: argparse.Namespace) -> tuple[torch.device, str]:
+    """--dtype auto follows training's precision policy (bf16 autocast where the hardware has
+    bf16, fp32 elsewhere), as the sample stage does; fp32/bf16 pin the weights' dtype."""
+    from gemma3.runtime import resolve_device, resolve_precision
 
-    return resolve_device(args.device, source="--device"), _dtype(args.dtype)
+    device = resolve_device(args.device, source="--device")
+    if args.dtype == "auto":
+        return device, resolve_precision("auto", device)
+    return device, "bf16-pure" if _dtype(args.dtype) != _dtype("fp32") else "fp32"
 
 
 class _Streamer:
@@ -102,6 +107,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from gemma3.errors import Gemma3Error
     from gemma3.generate import check_prompts, check_sampling, generate
     from gemma3.hf import load_checkpoint
+    from gemma3.runtime import autocast, weight_dtype
     from gemma3.tokenizer import EOT_ID, decode, encode
 
     prompt = args.prompt
@@ -121,8 +127,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise Gemma3Error(
             f"--seed must be between 0 and {MAX_SEED - args.num_samples}, got {args.seed}"
         )
-    device, dtype = _device_dtype(args)
-    model = load_checkpoint(args.model, device=device, dtype=dtype)
+    device, precision = _generation_precision(args)
+    model = load_checkpoint(args.model, device=device, dtype=weight_dtype(precision))
     ids = check_prompts([encode(prompt)], model.config)[0]  # before anything is printed
     room = model.config.context_length - len(ids)
     if args.max_new_tokens > room:
@@ -140,23 +146,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         streamer = _Streamer(decode, sys.stdout, skip=EOT_ID)
         t0 = time.perf_counter()
-        new = generate(
-            model,
-            [ids],
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k or None,
-            top_p=args.top_p,
-            seed=None if args.seed is None else args.seed + i,
-            stop_token=None if args.no_stop else EOT_ID,
-            on_step=streamer,
-        )[0]
+        with autocast(precision, device):
+            new = generate(
+                model,
+                [ids],
+                args.max_new_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k or None,
+                top_p=args.top_p,
+                seed=None if args.seed is None else args.seed + i,
+                stop_token=None if args.no_stop else EOT_ID,
+                on_step=streamer,
+            )[0]
         total_s += time.perf_counter() - t0
         total_new += len(new)
         streamer.finish()
     rate = total_new / total_s if total_s > 0 else 0.0
     print(
-        f"[{total_new} tokens in {total_s:.2f} s, {rate:.1f} tokens/s on {device}]", file=sys.stderr
+        f"[{total_new} tokens in {total_s:.2f} s, {rate:.1f} tokens/s on {device}, {precision}]",
+        file=sys.stderr,
     )
     return 0
 
@@ -337,7 +345,13 @@ def _add_model_commands(add: AddCommand) -> None:
     gen.add_argument("--num-samples", type=int, default=1, help="stories to generate")
     gen.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    gen.add_argument("--dtype", default="fp32", choices=DTYPE_CHOICES, help="weights' dtype")
+    gen.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", *DTYPE_CHOICES),
+        help="auto = training's precision policy (bf16 autocast on CUDA and on CPUs with native "
+        "bf16, else fp32); fp32/bf16 = weights in that dtype",
+    )
     gen.set_defaults(func=cmd_generate)
 
     exp = add(

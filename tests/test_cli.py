@@ -173,3 +173,24 @@ def test_runs_without_a_store_or_experiment_is_one_line(tmp_path: Path) -> None:
         "no MLflow experiment 'theirs'",
         "mine",
     )
+
+
+@pytest.mark.parametrize(
+    ("flag", "native_bf16", "expected"),
+    [
+        ("auto", True, "bf16-autocast"),
+        ("auto", False, "fp32"),
+        ("fp32", True, "fp32"),
+        ("bf16", False, "bf16-pure"),
+        ("bfloat16", True, "bf16-pure"),
+    ],
+)
+def test_generate_dtype_auto_follows_the_training_precision_policy(
+    flag: str, native_bf16: bool, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gemma3 import cli, runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda *a: native_bf16)
+    args = cli.build_parser().parse_args(["generate", "hi", "--device", "cpu", "--dtype", flag])
+    device, precision = cli._generation_precision(args)
+    assert str(device) == "cpu" and precision == expected

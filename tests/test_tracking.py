@@ -200,7 +200,7 @@ def test_a_resumed_run_never_logs_a_step_twice(tmp_path: Path, monkeypatch) -> N
 def test_the_pipelines_registered_model_predicts_the_cli_greedy_story(trained: Trained) -> None:
     import mlflow
 
-    expected = greedy_cli(trained.repo, 20)
+    expected = greedy_cli(trained.repo, 20, "--dtype", "fp32")  # the pipeline model runs in fp32
     mlflow.set_tracking_uri(f"sqlite:///{trained.repo / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model("models:/gemma3-tinystories/latest")
     assert model.predict([PROMPT], params={"max_new_tokens": 20}) == [expected]
@@ -240,7 +240,7 @@ def test_logged_model_is_registered_and_served_with_the_cli_greedy_story(
     assert mv.tags["val_loss"] == "3.25" and mv.tags["step"] == "7"
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
 
-    expected = greedy_cli(tmp_path, 20, "--model", str(ckpt))
+    expected = greedy_cli(tmp_path, 20, "--model", str(ckpt), "--dtype", "fp32")  # as served
     assert len(set(expected.removeprefix(PROMPT).split())) > 3  # not one repeated token
 
     port = free_port()
