@@ -204,7 +204,7 @@ def test_cli_streams_tokens_as_they_come(model, tmp_path: Path) -> None:
     n = 400
     proc = _cli(
         "generate", "--model", str(d), prompt, "--temperature", "0", "--max-new-tokens", str(n),
-        "--no-stop", "--device", "cpu",
+        "--no-stop", "--device", "cpu", "--dtype", "fp32",  # the reference below runs in fp32
     )  # fmt: skip
     fd = proc.stdout.fileno()
     seen, chunks = b"", 0
@@ -229,7 +229,7 @@ def test_cli_reads_prompt_from_stdin_and_errors_are_one_line(model, tmp_path: Pa
     d = save_checkpoint(model, tmp_path / "ckpt")
     proc = _cli(
         "generate", "--model", str(d), "--temperature", "0", "--max-new-tokens", "8", "--no-stop",
-        stdin=subprocess.PIPE,
+        "--dtype", "fp32", stdin=subprocess.PIPE,
     )  # fmt: skip
     out, err = proc.communicate(b"The dog was sad because\n", timeout=120)
     assert proc.returncode == 0, err
