@@ -34,10 +34,9 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 
 MAX_PARAM_LEN = 6000
-# train.py logs `train/loss` and `val/loss`; MLflow's UI groups charts by the prefix before `/`,
-# so both losses are stored under `loss/` to land on one chart section.
-METRIC_NAMES = {"train/loss": "loss/train", "val/loss": "loss/val"}
-DEFAULT_REGISTERED_MODEL = "gemma3-tinystories"
+# The training loss as train.py logs it (`loss/train`, `loss/val`: MLflow's UI groups charts by
+# the prefix before `/`, so both losses land on one chart section).
+TRAIN_LOSS = "loss/train"
 # Tags that say which process owns a RUNNING run, so a later run can tell a dead trainer's run.
 HOST_TAG, PID_TAG = "gemma3.host", "gemma3.pid"
 
@@ -150,11 +149,7 @@ class Tracker:
         if step < self.first_step:
             return
         now = int(time.time() * 1000)
-        batch = [
-            Metric(METRIC_NAMES.get(k, k), float(v), now, step)
-            for k, v in metrics.items()
-            if v is not None
-        ]
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
         if batch:
             self._call("log_metrics", lambda: self._client.log_batch(self.run_id, metrics=batch))
 
@@ -435,7 +430,7 @@ def mark_dead_runs(client: Any, experiment_id: str, keep: str | None = None) -> 
 
 def _last_logged_step(client: Any, run_id: str) -> int:
     """The last step at which a (killed) process of this run logged the training loss."""
-    steps = [m.step for m in client.get_metric_history(run_id, METRIC_NAMES["train/loss"])]
+    steps = [m.step for m in client.get_metric_history(run_id, TRAIN_LOSS)]
     return max(steps, default=-1)
 
 

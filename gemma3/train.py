@@ -546,7 +546,7 @@ def log_row(run: Run, state: TrainState, row: dict[str, Any], bar: Any) -> None:
     """Record one row: history (plots/train.csv), the tracker, the progress bar."""
     state.history.append(row)
     if run.tracker is not None:
-        names = {"train_loss": "train/loss", "val_loss": "val/loss", "lr": "lr"}
+        names = {"train_loss": "loss/train", "val_loss": "loss/val", "lr": "lr"}
         names |= {"grad_norm": "grad_norm", "tokens_per_s": "tokens_per_s", "mfu": "mfu"}
         metrics = {names[k]: v for k, v in row.items() if k in names and v is not None}
         run.tracker.log_metrics(metrics, step=row["step"])

@@ -180,14 +180,14 @@ def test_a_resumed_run_never_logs_a_step_twice(tmp_path: Path, monkeypatch) -> N
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     first = start_run(enabled=True, experiment="r", root=tmp_path, tags={"stage": "train"})
     for step in (3, 6, 9):  # killed after step 9; its last saved state was step 6
-        first.log_metrics({"train/loss": 10.0 - step, "val/loss": None}, step=step)
+        first.log_metrics({"loss/train": 10.0 - step, "loss/val": None}, step=step)
     first._finished = True  # as after kill -9: nothing ends the run
     again = start_run(
         enabled=True, experiment="r", root=tmp_path, run_id=first.run_id, tags={"stage": "train"}
     )
     assert again.run_id == first.run_id
     for step in (9, 12):  # resumed from step 6: step 9 comes again
-        again.log_metrics({"train/loss": 1.0, "val/loss": 2.0}, step=step)
+        again.log_metrics({"loss/train": 1.0, "loss/val": 2.0}, step=step)
     again.finish()
     client = mlflow.MlflowClient(tracking_uri(tmp_path))
     hist = client.get_metric_history(first.run_id, "loss/train")
