@@ -188,9 +188,8 @@ EXPORT_MARK = "exported_from"
 
 def _check_export_target(src: Path, dst: Path) -> None:
     """Refuse any --out whose replacement could destroy something export-hf did not write."""
-    import json
-
     from gemma3.errors import Gemma3Error
+    from gemma3.fileio import load_json_object
     from gemma3.hf import META
 
     if dst == src or src.is_relative_to(dst):
@@ -206,9 +205,9 @@ def _check_export_target(src: Path, dst: Path) -> None:
     if not dst.exists() or not any(dst.iterdir()):
         return
     foreign = sorted(p.name for p in dst.iterdir() if p.name not in EXPORT_FILES or not p.is_file())
-    try:
-        marked = EXPORT_MARK in json.loads((dst / META).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    try:  # only a regular gemma3.json is read (a FIFO there would block): it is in `foreign`
+        marked = not foreign and EXPORT_MARK in load_json_object(dst / META)
+    except (OSError, Gemma3Error):
         marked = False
     if foreign or not marked:
         what = f"holds {foreign[0]!r}" if foreign else "was not written by gemma3 export-hf"

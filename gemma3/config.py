@@ -14,6 +14,13 @@ from typing import Any
 from gemma3.errors import Gemma3Error
 from gemma3.tokenizer import VOCAB_SIZE
 
+# Sizes are torch shapes, which are int64; a larger integer (10**30 in a config.json) is refused
+# here instead of overflowing inside torch.
+MAX_INT = 2**63 - 1
+# The most layers `from_dict` builds Gemma's pattern for: beyond it the pattern alone (a tuple of
+# n names) would take longer and more memory than any model that fits a machine.
+MAX_LAYERS = 2**20
+
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
@@ -85,6 +92,8 @@ class Config:
         # If the layer count is overridden without a pattern, rebuild Gemma's 5:1 pattern.
         if "n_layers" in d and "layer_types" not in d:
             n = d["n_layers"]
+            if isinstance(n, int) and not isinstance(n, bool) and n > MAX_LAYERS:
+                raise ConfigError("n_layers", f"must be at most {MAX_LAYERS:,}, got {n}")
             if isinstance(n, int) and not isinstance(n, bool) and n > 0:
                 d["layer_types"] = gemma3_layer_pattern(n)
         return cls(**d)
@@ -114,6 +123,9 @@ class Config:
         embedding = self.vocab_size * d
         non_embedding = self.n_layers * per_layer + d  # + final norm
         head = 0 if self.tie_embeddings else embedding
+        pad_rows = (
+            (self.padded_vocab_size - self.vocab_size) * d * (1 if self.tie_embeddings else 2)
+        )
         return {
             "embedding": embedding,
             "non_embedding": non_embedding,
@@ -121,6 +133,8 @@ class Config:
             "total": embedding + non_embedding + head,
             "total_tied": embedding + non_embedding,
             "total_untied": 2 * embedding + non_embedding,
+            # What is allocated: `total` plus the vocab padding rows (memory checks use this).
+            "stored": embedding + non_embedding + head + pad_rows,
         }
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -144,6 +158,8 @@ class Config:
                 raise ConfigError(name, f"must be an integer, got {v!r}")
             if v <= 0:
                 raise ConfigError(name, f"must be > 0, got {v}")
+            if v > MAX_INT:
+                raise ConfigError(name, f"must be at most {MAX_INT} (int64), got {v}")
 
         def positive_float(name: str) -> None:
             v = getattr(self, name)

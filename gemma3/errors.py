@@ -20,6 +20,15 @@ EXIT_INTERRUPTED = 130
 class Gemma3Error(Exception):
     """An error caused by input the user can fix (params, files, flags). Message is one line."""
 
+    exit_code = EXIT_USER_ERROR
+
+
+class Gemma3EnvironmentError(Gemma3Error):
+    """A one-line error that is not the input's fault (a full disk, a peer process that died):
+    exit 1 like an OSError, but with a message that says what to do."""
+
+    exit_code = 1
+
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
@@ -35,7 +44,7 @@ def run_main(main: Callable[[], int | None], prog: str | None = None) -> NoRetur
         if debug:
             raise
         print(f"{name}: error: {_one_line(e)}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt as e:
         if debug:
             raise

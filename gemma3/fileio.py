@@ -10,10 +10,13 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from gemma3.errors import Gemma3Error
 
 
 def _current_umask() -> int:
@@ -130,8 +133,6 @@ def exclusive_lock(directory: str | os.PathLike[str], busy: str) -> Iterator[Non
     """
     import fcntl
 
-    from gemma3.errors import Gemma3Error
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     fd = os.open(directory, os.O_RDONLY)
@@ -143,3 +144,62 @@ def exclusive_lock(directory: str | os.PathLike[str], busy: str) -> Iterator[Non
         yield
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading user-facing files: regular files only, JSON objects only
+# ---------------------------------------------------------------------------------------------
+
+
+def is_regular_file(path: str | os.PathLike[str]) -> bool:
+    """True for a regular file (symlinks followed), False when nothing is there.
+
+    Anything else under that name (a FIFO, a device such as /dev/zero, a directory, a socket) is
+    a one-line error rather than "missing": it exists, and reading a FIFO would block forever.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as e:  # a symlink loop, a name too long: the name is unusable, say so
+        raise Gemma3Error(f"{path}: cannot be read ({e.strerror or e})") from None
+    if stat.S_ISREG(mode):
+        return True
+    kind = (
+        "a directory"
+        if stat.S_ISDIR(mode)
+        else "a FIFO (named pipe)"
+        if stat.S_ISFIFO(mode)
+        else "a device"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "not a file"
+    )
+    raise Gemma3Error(f"{path}: not a regular file ({kind}); give the path of a regular file")
+
+
+def load_json_object(path: str | os.PathLike[str], fix: str = "") -> dict[str, Any]:
+    """A JSON file that must hold an object, read in one place so every reader refuses the same
+    things in one line: bad UTF-8, bad JSON, nesting too deep for Python's parser, and valid
+    JSON that is not an object (`[]`, `3`, `"x"`, `null`). `fix` is appended to each message."""
+    path = Path(path)
+    fix = f"; {fix}" if fix else ""
+    try:
+        d = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise Gemma3Error(f"{path}: not valid UTF-8 (byte {e.start}){fix}") from None
+    except json.JSONDecodeError as e:
+        raise Gemma3Error(f"{path}: not valid JSON ({e}){fix}") from None
+    except RecursionError:
+        raise Gemma3Error(f"{path}: not valid JSON (nested too deeply to read){fix}") from None
+    if not isinstance(d, dict):
+        raise Gemma3Error(f"{path}: must be a JSON object {{...}}, got {_json_kind(d)}{fix}")
+    return d
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    names = {bool: "true/false", int: "a number", float: "a number", str: "a string"}
+    return names.get(type(value), "a list")

@@ -9,7 +9,6 @@ small `gemma3.json` with our preset name and training metadata.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,14 @@ from safetensors.torch import load_file, save_file
 
 from gemma3.config import FULL, SLIDING, Config, ConfigError
 from gemma3.errors import Gemma3Error
-from gemma3.fileio import _UMASK, atomic_dir, atomic_write_json, recover_dir
+from gemma3.fileio import (
+    _UMASK,
+    atomic_dir,
+    atomic_write_json,
+    is_regular_file,
+    load_json_object,
+    recover_dir,
+)
 from gemma3.model import Gemma3ForCausalLM
 from gemma3.tokenizer import EOT_ID, write_hf_tokenizer_files
 
@@ -80,36 +86,100 @@ def _int_if_integral(x: float) -> float | int:
     return int(x) if float(x).is_integer() else x
 
 
+# config.json keys -> Config fields; integers and numbers are type-checked here, under their
+# config.json names, before Config validates the values (so messages name the file's key).
+HF_INT_FIELDS = {
+    "vocab_size": "vocab_size",
+    "max_position_embeddings": "context_length",
+    "hidden_size": "emb_dim",
+    "num_attention_heads": "n_heads",
+    "num_hidden_layers": "n_layers",
+    "intermediate_size": "hidden_dim",
+    "head_dim": "head_dim",
+    "num_key_value_heads": "n_kv_heads",
+    "sliding_window": "sliding_window",
+}
+HF_NAMES = {v: k for k, v in HF_INT_FIELDS.items()} | {
+    "rope_local_base": "rope_parameters.sliding_attention.rope_theta",
+    "rope_base": "rope_parameters.full_attention.rope_theta",
+    "layer_types": "layer_types",
+    "query_pre_attn_scalar": "query_pre_attn_scalar",
+    "rms_norm_eps": "rms_norm_eps",
+    "tie_embeddings": "tie_word_embeddings",
+    "qk_norm": "qk_norm",
+}
+
+
+def _hf_int(d: dict[str, Any], key: str, default: Any = ...) -> int:
+    v = d.get(key, default)
+    if v is ...:
+        raise Gemma3Error(f"config.json: missing field {key!r}")
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ConfigError(HF_INT_FIELDS[key], f"must be an integer, got {_show(v)}")
+    return v
+
+
+def _hf_number(v: Any, field_name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(field_name, f"must be a number, got {_show(v)}")
+    try:
+        return float(v)
+    except OverflowError:  # an integer beyond what a float holds
+        raise ConfigError(field_name, f"must be a finite number, got {_show(v)}") from None
+
+
+def _show(v: Any) -> str:
+    """A value for an error message, cut short (a hostile file may hold a huge one)."""
+    text = repr(v) if not isinstance(v, int) or abs(v) < 10**40 else f"a {len(str(v))}-digit number"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _rope_theta(
+    d: dict[str, Any], kind: str, legacy: str, default: float, field_name: str
+) -> float:
+    rope = d.get("rope_parameters") or {}
+    entry = rope.get(kind, {}) if isinstance(rope, dict) else None
+    if not isinstance(entry, dict):
+        raise ConfigError(
+            field_name, f"rope_parameters must map layer types to objects, got {_show(rope)}"
+        )
+    return _hf_number(entry.get("rope_theta", d.get(legacy, default)), field_name)
+
+
 def from_hf_config(d: dict[str, Any], name: str = "custom", vocab_pad_multiple: int = 1) -> Config:
-    """Our Config from a Gemma 3 text `config.json` dict (new rope_parameters or legacy keys)."""
+    """Our Config from a Gemma 3 text `config.json` dict (new rope_parameters or legacy keys).
+
+    A ConfigError's `field` is ours (emb_dim); `load_config` names the file's key (hidden_size).
+    """
     if not d.get("qk_norm", True):
         raise ConfigError("qk_norm", "Gemma 3 always uses QK-norm")
-    rope = d.get("rope_parameters") or {}
-    try:
-        local = rope.get(SLIDING, {}).get("rope_theta", d.get("rope_local_base_freq", 10_000.0))
-        glob = rope.get(FULL, {}).get("rope_theta", d.get("rope_theta", 1_000_000.0))
-        n_layers = d["num_hidden_layers"]
-        return Config(
-            name=name,
-            vocab_size=d["vocab_size"],
-            context_length=d.get("max_position_embeddings", 32768),
-            emb_dim=d["hidden_size"],
-            n_heads=d["num_attention_heads"],
-            n_layers=n_layers,
-            hidden_dim=d["intermediate_size"],
-            head_dim=d["head_dim"],
-            n_kv_heads=d["num_key_value_heads"],
-            rope_local_base=float(local),
-            rope_base=float(glob),
-            sliding_window=d["sliding_window"],
-            layer_types=tuple(d["layer_types"]),
-            query_pre_attn_scalar=float(d["query_pre_attn_scalar"]),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(d.get("tie_word_embeddings", True)),
-            vocab_pad_multiple=vocab_pad_multiple,
-        )
-    except KeyError as e:
-        raise Gemma3Error(f"config.json: missing field {e.args[0]!r}") from None
+    ints = {
+        HF_INT_FIELDS[k]: _hf_int(d, k) for k in HF_INT_FIELDS if k != "max_position_embeddings"
+    }
+    layer_types = d.get("layer_types", ...)
+    if layer_types is ...:
+        raise Gemma3Error("config.json: missing field 'layer_types'")
+    if not isinstance(layer_types, list):
+        raise ConfigError("layer_types", f"must be a list, got {_show(layer_types)}")
+    if "query_pre_attn_scalar" not in d:
+        raise Gemma3Error("config.json: missing field 'query_pre_attn_scalar'")
+    tie = d.get("tie_word_embeddings", True)
+    if not isinstance(tie, bool):
+        raise ConfigError("tie_embeddings", f"must be true or false, got {_show(tie)}")
+    return Config(
+        name=name,
+        context_length=_hf_int(d, "max_position_embeddings", 32768),
+        rope_local_base=_rope_theta(
+            d, SLIDING, "rope_local_base_freq", 10_000.0, "rope_local_base"
+        ),
+        rope_base=_rope_theta(d, FULL, "rope_theta", 1_000_000.0, "rope_base"),
+        layer_types=tuple(layer_types),
+        query_pre_attn_scalar=_hf_number(d["query_pre_attn_scalar"], "query_pre_attn_scalar"),
+        rms_norm_eps=_hf_number(d.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
+        tie_embeddings=tie,
+        vocab_pad_multiple=vocab_pad_multiple,
+        **ints,
+    )
 
 
 def to_hf_state_dict(
@@ -236,39 +306,45 @@ def save_checkpoint(
     return directory
 
 
+# gemma3.json fields the stages and the CLI read, with the types they need.
+META_TYPES = {"step": int, "val_loss": (int, float), "mlflow_run_id": str, "preset": str}
+
+
 def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """gemma3.json ({} when absent: an HF checkpoint has none); a wrong shape is one line."""
     path = Path(directory) / META
-    if not path.is_file():
+    if not is_regular_file(path):
         return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise Gemma3Error(f"{path}: not valid JSON ({e})") from None
+    meta = load_json_object(path, "re-save the checkpoint or delete gemma3.json")
+    for key, types in META_TYPES.items():
+        v = meta.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, types)):
+            want = "a string" if types is str else "a number"
+            raise Gemma3Error(f"{path}: {key}: must be {want} or null, got {_show(v)}")
+    return meta
 
 
 def load_config(directory: str | os.PathLike[str], vocab_pad_multiple: int = 1) -> Config:
     directory = Path(directory)
     recover_dir(directory)  # a save killed between its two renames left it as .<name>.old
     if not directory.is_dir():
+        if directory.exists():
+            raise Gemma3Error(f"{directory}: not a directory; give a checkpoint directory")
         raise Gemma3Error(
             f"{directory}: checkpoint directory not found (train first, or dvc pull it)"
         )
     path = directory / HF_CONFIG
-    if not path.is_file():
+    if not is_regular_file(path):
         raise Gemma3Error(f"{path}: missing; not a checkpoint directory")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Gemma3Error(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise Gemma3Error(f"{path}: must be a JSON object of config fields")
+    d = load_json_object(path)
     name = read_meta(directory).get("preset", "custom")
     try:
         return from_hf_config(d, name=name, vocab_pad_multiple=vocab_pad_multiple)
-    except Gemma3Error as e:  # name the file: "config.json: model.head_dim: must be even"
+    except ConfigError as e:  # name the file's key: "config.json: hidden_size: must be ..."
+        message = str(e).split(": ", 1)[1]
+        raise Gemma3Error(f"{path}: {HF_NAMES.get(e.field, e.field)}: {message}") from None
+    except Gemma3Error as e:  # "config.json: missing field 'vocab_size'"
         raise Gemma3Error(f"{path}: {str(e).removeprefix(HF_CONFIG + ': ')}") from None
-    except (TypeError, ValueError) as e:
-        raise Gemma3Error(f"{path}: invalid value ({e})") from None
 
 
 def load_checkpoint(
@@ -282,7 +358,7 @@ def load_checkpoint(
     directory = Path(directory)
     cfg = load_config(directory, vocab_pad_multiple)
     weights = directory / WEIGHTS
-    if not weights.is_file():
+    if not is_regular_file(weights):
         raise Gemma3Error(
             f"{weights}: missing; the checkpoint is incomplete (re-run training or dvc pull)"
         )
@@ -335,13 +411,32 @@ def check_weights_header(cfg: Config, weights: Path) -> None:
                 f"{weights}: {key} is {name}; checkpoints hold float32 or bfloat16 weights "
                 "(a float16 or integer file is refused, not cast: convert it to float32 or bfloat16)"
             )
-    with torch.device("meta"):
-        meta_model = Gemma3ForCausalLM(cfg)
-        meta_sd = {
-            k: torch.empty(shape, dtype=WEIGHT_DTYPES[dtype])
-            for k, (dtype, shape) in header.items()
-        }
+    _check_layer_count(cfg, weights, header)
+    try:
+        with torch.device("meta"):
+            meta_model = Gemma3ForCausalLM(cfg)
+            meta_sd = {
+                k: torch.empty(shape, dtype=WEIGHT_DTYPES[dtype])
+                for k, (dtype, shape) in header.items()
+            }
+    except RuntimeError as e:  # sizes whose byte count overflows int64 (hidden_size 2**62)
+        if "overflow" not in str(e):
+            raise
+        raise Gemma3Error(_too_big(cfg, weights, "no machine can hold it")) from None
     load_hf_state_dict(meta_model, meta_sd, source=str(weights))
+
+
+def _check_layer_count(cfg: Config, weights: Path, header: dict[str, Any]) -> None:
+    """A config.json asking for more layers than the file holds fails before a meta model of a
+    million layers is built (minutes of Python objects) just to say so."""
+    found = {k.split(".")[2] for k in header if k.startswith("model.layers.")}
+    n_file = len(found)
+    if cfg.n_layers > n_file:
+        raise Gemma3Error(
+            f"{weights}: holds {n_file} layers, but {weights.parent / HF_CONFIG} has "
+            f"num_hidden_layers {cfg.n_layers}; config.json and the weights come from different "
+            "models"
+        )
 
 
 def _available_memory() -> int | None:
@@ -356,6 +451,17 @@ def _available_memory() -> int | None:
     return None
 
 
+def available_memory(device: torch.device | str = "cpu") -> int | None:
+    """Bytes a new allocation on `device` can get now: free CUDA memory on a GPU, else RAM."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            return torch.cuda.mem_get_info(device)[0]
+        except (RuntimeError, AssertionError):
+            return None
+    return _available_memory()
+
+
 def _too_big(cfg: Config, weights: Path, why: str) -> str:
     n = cfg.param_counts()["total"]
     return (
@@ -367,7 +473,7 @@ def _too_big(cfg: Config, weights: Path, why: str) -> str:
 
 def check_fits_in_memory(cfg: Config, weights: Path) -> None:
     """The float32 model plus the file's tensors must fit in the RAM available now."""
-    n = cfg.param_counts()["total"]
+    n = cfg.param_counts()["stored"]
     need = 4 * n + weights.stat().st_size
     free = _available_memory()
     if free is not None and need > free:
@@ -375,6 +481,28 @@ def check_fits_in_memory(cfg: Config, weights: Path) -> None:
             _too_big(cfg, weights, f"loading it needs about {need / 1e9:,.1f} GB, "
                      f"more than the {free / 1e9:,.1f} GB of memory available")
         )  # fmt: skip
+
+
+# Training memory per parameter, in units of the weights' dtype size: the weights, their
+# gradients and AdamW's two moments (both kept in the parameter's dtype by torch).
+TRAIN_COPIES = 4
+
+
+def check_trainable(cfg: Config, device: torch.device, weight_dtype: torch.dtype) -> None:
+    """Refuse, from arithmetic on the config alone, a model whose training state cannot fit on
+    `device`: parameters (stored, vocab padding included) x 4 copies (weights, gradients, two
+    AdamW moments) x the weights' bytes. Activations come on top, so passing is necessary, not
+    sufficient; failing is certain, and takes milliseconds instead of minutes of allocating."""
+    n = cfg.param_counts()["stored"]
+    per_param = TRAIN_COPIES * weight_dtype.itemsize
+    need, free = n * per_param, available_memory(device)
+    if free is not None and need > free:
+        raise Gemma3Error(
+            f"params.yaml: model: {n:,} parameters need {need / 2**30:,.1f} GiB to train "
+            f"({per_param} bytes each: weights, gradients and two AdamW moments; activations "
+            f"come on top), more than the {free / 2**30:,.1f} GiB free on {device}; "
+            "use a smaller model (model.preset / model.overrides)"
+        )
 
 
 def check_finite(sd: dict[str, torch.Tensor], weights: Path) -> None:

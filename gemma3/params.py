@@ -20,6 +20,7 @@ import yaml
 
 from gemma3.config import Config, ConfigError
 from gemma3.errors import Gemma3Error
+from gemma3.fileio import is_regular_file
 
 HUB_SOURCE = "roneneldan/TinyStories"
 # The TinyStories commit whose parquet files match the pins in gemma3/data/hub.py (REFERENCE.md 3).
@@ -367,7 +368,7 @@ def load_params(
 ) -> Params:
     """Parse and validate params.yaml; `sections` must be present (others fall back to defaults)."""
     path = Path(path)
-    if not path.is_file():
+    if not is_regular_file(path):
         raise Gemma3Error(f"{path}: not found; run from the repository root (where dvc.yaml is)")
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=ParamsLoader)  # noqa: S506
@@ -377,6 +378,10 @@ def load_params(
         raise Gemma3Error(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     except UnicodeDecodeError as e:
         raise Gemma3Error(_not_utf8(path, e)) from None
+    except RecursionError:  # `a: [[[[...` thousands deep: PyYAML recurses once per level
+        raise Gemma3Error(f"{path}: not valid YAML (nested too deeply to read)") from None
+    except ValueError as e:  # an integer of more than 4300 digits (Python's int() limit)
+        raise Gemma3Error(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(raw, dict):
         raise Gemma3Error(f"{path}: must be a mapping of sections ({', '.join(REQUIRED_SECTIONS)})")
     for section in sections:

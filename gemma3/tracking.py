@@ -280,7 +280,7 @@ class Tracker:
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return d if isinstance(d, dict) else {}
 
@@ -292,7 +292,7 @@ def _dvc_md5(root: Path, data_dir: Path) -> str | None:
     try:
         rel = data_dir.resolve().relative_to(root).as_posix()
         lock = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):
+    except (OSError, ValueError, RecursionError, yaml.YAMLError):
         return None
     for stage in (lock or {}).get("stages", {}).values():
         for out in stage.get("outs", []):
@@ -600,6 +600,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
     try:
         d = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):
+    except (OSError, ValueError, RecursionError, yaml.YAMLError):
         return {}
     return d if isinstance(d, dict) else {}

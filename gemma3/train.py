@@ -41,8 +41,15 @@ from safetensors.torch import load_file
 from gemma3.config import Config
 from gemma3.data.tokens import fixed_batches, load_tokens, read_tokens_meta, sample_batch
 from gemma3.errors import Gemma3Error
-from gemma3.fileio import atomic_dir, atomic_write_json, atomic_write_text, exclusive_lock
-from gemma3.hf import save_checkpoint, write_safetensors
+from gemma3.fileio import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    exclusive_lock,
+    is_regular_file,
+    load_json_object,
+)
+from gemma3.hf import check_trainable, save_checkpoint, write_safetensors
 from gemma3.model import Gemma3ForCausalLM
 from gemma3.params import Params
 from gemma3.runtime import (
@@ -236,15 +243,18 @@ def save_state(
 
 
 def read_state_info(directory: Path) -> dict[str, Any] | None:
-    """state.json as written (None when absent or unreadable: then nothing is resumed)."""
+    """state.json as written (None when absent: then nothing is resumed); unreadable is one line."""
     path = directory / STATE_JSON
-    if not path.is_file() or not (directory / STATE_TENSORS).is_file():
+    if not is_regular_file(path) or not is_regular_file(directory / STATE_TENSORS):
         return None
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return info if isinstance(info, dict) else None
+    info = load_json_object(path, "delete the directory to start fresh")
+    for key, types in (("step", int), ("fingerprint", str), ("param_groups", list)):
+        if not isinstance(info.get(key), types) or isinstance(info.get(key), bool):
+            raise Gemma3Error(
+                f"{path}: {key}: missing or of the wrong type; not a training state written by "
+                "this project: delete the directory to start fresh"
+            )
+    return info
 
 
 def read_state_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -319,6 +329,7 @@ class Run:
 
 def build_model(cfg: Config, rt: Runtime, seed: int) -> Gemma3ForCausalLM:
     """The initialised model on its device; running out of memory is a one-line error."""
+    check_trainable(cfg, rt.device, weight_dtype(rt.precision))  # arithmetic, before allocating
     torch.manual_seed(seed)
     size = cfg.param_counts()["total"] * weight_dtype(rt.precision).itemsize
     try:

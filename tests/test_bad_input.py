@@ -745,7 +745,7 @@ CHECKPOINT_CASES = [
         "generate-config-impossible-value",
         "gemma3",
         edit_json(f"{CKPT}/config.json", lambda d: d.update(head_dim=15)),
-        "checkpoints/best/config.json: model.head_dim: must be even",
+        "checkpoints/best/config.json: head_dim: must be even",
         args=GEN,
     ),
     case(

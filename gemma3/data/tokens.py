@@ -19,7 +19,7 @@ import torch
 
 from gemma3.data.raw import SPLITS, quiet_datasets, split_path, write_error
 from gemma3.errors import Gemma3Error
-from gemma3.fileio import atomic_path, atomic_write_json
+from gemma3.fileio import atomic_path, atomic_write_json, is_regular_file, load_json_object
 from gemma3.tokenizer import EOT_ID, VOCAB_SIZE, get_encoding
 
 
@@ -64,7 +64,7 @@ def load_raw_split(raw_dir: str | os.PathLike[str], split: str, cache_dir: Path)
     import datasets
 
     path = split_path(raw_dir, split)
-    if not path.is_file():
+    if not is_regular_file(path):
         raise Gemma3Error(
             f"{path}: raw split not found; run the download stage first (dvc repro download)"
         )
@@ -172,6 +172,8 @@ def tokenize_raw(
             progress=progress,
         )
     source_file = raw_dir / "source.json"
+    fix = "re-run the download stage (dvc repro download)"
+    source = load_json_object(source_file, fix) if is_regular_file(source_file) else None
     meta.update(
         {
             "vocab_size": VOCAB_SIZE,
@@ -179,9 +181,7 @@ def tokenize_raw(
             "eot": eot,
             "eot_id": EOT_ID,
             "tokenizer": "gpt2",
-            "source": json.loads(source_file.read_text(encoding="utf-8"))
-            if source_file.is_file()
-            else None,
+            "source": source,
         }
     )
     atomic_write_json(out_dir / "meta.json", meta)
@@ -191,24 +191,16 @@ def tokenize_raw(
 def read_tokens_meta(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """`<data_dir>/meta.json` as written by `tokenize_raw`; missing or unreadable is one line."""
     path = Path(data_dir) / "meta.json"
-    if not path.is_file():
+    if not is_regular_file(path):
         raise Gemma3Error(f"{path}: not found; run the tokenize stage first (dvc repro tokenize)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Gemma3Error(
-            f"{path}: not valid JSON ({e}); re-run the tokenize stage (dvc repro tokenize)"
-        ) from None
-    if not isinstance(meta, dict):
-        raise Gemma3Error(f"{path}: not a tokenize meta file; re-run the tokenize stage")
-    return meta
+    return load_json_object(path, "re-run the tokenize stage (dvc repro tokenize)")
 
 
 def load_tokens(path: str | os.PathLike[str], *, vocab_size: int, min_tokens: int) -> np.ndarray:
     """Open a token file read-only, checking what would otherwise fail deep inside training."""
     path = Path(path)
     fix = "re-run the tokenize stage (dvc repro tokenize)"
-    if not path.is_file():
+    if not is_regular_file(path):
         raise Gemma3Error(f"{path}: token file not found; {fix}")
     size = path.stat().st_size
     if size % 2:

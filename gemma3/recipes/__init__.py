@@ -29,11 +29,17 @@ def load_recipe(name: str) -> dict[str, Any]:
     path = resources.files(__name__) / f"{name}.yaml"
     if not path.is_file():
         raise Gemma3Error(f"unknown recipe {name!r}; available: {', '.join(available())}")
-    recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    return {
-        k: (yaml.safe_load(v) if isinstance(v, str) and v.startswith("{") else v)
-        for k, v in recipe.items()
-    }
+    try:
+        recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(recipe, dict):
+            raise Gemma3Error(f"recipe {name!r}: must be a mapping of dotted params keys")
+        return {
+            k: (yaml.safe_load(v) if isinstance(v, str) and v.startswith("{") else v)
+            for k, v in recipe.items()
+        }
+    except (yaml.YAMLError, RecursionError, ValueError) as e:
+        what = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())
+        raise Gemma3Error(f"recipe {name!r}: not valid YAML ({what})") from None
 
 
 def _hydra_value(v: Any) -> str:
