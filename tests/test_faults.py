@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from gemma3.config import Config
+from gemma3.data.raw import write_source_info, write_split
 from tests.project import write_params
 from tests.test_bad_input import (
     CKPT,
@@ -197,3 +200,35 @@ def test_checkpoint_larger_than_free_memory_is_one_line_naming_its_size(ws: Path
     needles = (f"checkpoints/best/config.json: the model it describes has {n:,} parameters",
                "more than the 0.0 GB of memory available")  # fmt: skip
     assert_clean_error(proc, "gemma3", needles, root=ws, before=before)
+
+
+@pytest.fixture
+def small_disk(ws: Path) -> Iterator[Path]:
+    """`ws/data` on a 200 KB tmpfs holding only data/raw (~90 KB of stories): tokenizing fills it.
+    Skipped where mounting is not permitted (not root, or in a container without the right)."""
+    data = ws / "data"
+    shutil.rmtree(data)
+    data.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(data)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        story = "Tom had a red ball and a little dog named Max. They played in the park. "
+        stories = [f"Story {i}. {story * 3}" for i in range(300)]
+        write_split(data / "raw", "train", stories[:280])
+        write_split(data / "raw", "validation", stories[280:])
+        write_source_info(data / "raw", {"source": "test"})
+        yield ws
+    finally:
+        subprocess.run(["umount", str(data)], check=True)
+
+
+def test_full_disk_during_tokenize_exits_1_naming_the_file(small_disk: Path) -> None:
+    """README: 1 for disk/OS errors. The message names where the write failed and says the
+    previous output is unchanged; nothing is left behind on the full disk."""
+    before = snapshot(small_disk)
+    proc = run(small_disk, "tokenize")
+    needles = ("data/.tokens.", "cannot write (No space left on device)", "previous output")
+    assert_clean_error(proc, "tokenize", needles, root=small_disk, before=before, code=1)

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from gemma3.errors import Gemma3Error
+from gemma3.errors import Gemma3EnvironmentError, Gemma3Error
 from gemma3.fileio import atomic_path, atomic_write_json
 
 SPLITS = ("train", "validation")
@@ -41,9 +41,10 @@ def write_split(
     return {"stories": n, "bytes": n_bytes}
 
 
-def write_error(path: str | os.PathLike[str], e: OSError) -> Gemma3Error:
-    """The one-line message for a failed write (the previous output is left as it was)."""
-    return Gemma3Error(
+def write_error(path: str | os.PathLike[str], e: OSError) -> Gemma3EnvironmentError:
+    """The one-line message for a failed write (the previous output is left as it was); exit 1
+    like any disk/OS error, since the input is fine."""
+    return Gemma3EnvironmentError(
         f"{path}: cannot write ({e.strerror or e}); free disk space or fix permissions and "
         "re-run (the previous output is unchanged)"
     )
