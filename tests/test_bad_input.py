@@ -313,6 +313,21 @@ def parquet_without_text(root: Path) -> None:
     write_params(root, data={"source": "src/s.parquet"})
 
 
+def parquet_text(values: list[Any], arrow_type: str) -> Setup:
+    """A parquet source whose `text` column has `arrow_type` (int64, null, ...)."""
+
+    def setup(root: Path) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        (root / "src").mkdir(exist_ok=True)
+        column = pa.array(values, type=getattr(pa, arrow_type)())
+        pq.write_table(pa.table({"text": column}), root / "src/s.parquet")
+        write_params(root, data={"source": "src/s.parquet"})
+
+    return setup
+
+
 def directory_with_bad_validation_file(root: Path) -> None:
     write("src/dir/train.txt", "A good story.\n<|endoftext|>\nAnother one.\n")(root)
     write("src/dir/validation.txt", b"A story.\nCaf\xe9 au lait.\n")(root)
@@ -644,6 +659,24 @@ DATA_CASES = [
         "download",
         parquet_without_text,
         "src/s.parquet: no 'text' column (columns: story)",
+    ),
+    case(  # datasets would cast the numbers to the stories "0", "1", ...
+        "download-parquet-int-text-column",
+        "download",
+        parquet_text([0, 1, 2], "int64"),
+        "src/s.parquet: column 'text' is int64, not strings",
+    ),
+    case(
+        "download-parquet-null-text-column",
+        "download",
+        parquet_text([None, None], "null"),
+        "src/s.parquet: column 'text' has only nulls, not strings",
+    ),
+    case(
+        "download-jsonl-text-not-a-string",
+        "download",
+        source("src/s.jsonl", '{"text": "a story"}\n{"text": 5}\n'),
+        'src/s.jsonl:2: expected an object with a string "text" field',
     ),
     case(
         "download-unsupported-file-type",

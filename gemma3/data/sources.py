@@ -105,11 +105,21 @@ def _check_parquet(path: Path) -> None:
     import pyarrow.parquet as pq
 
     try:
-        names = pq.read_schema(path).names
+        schema = pq.read_schema(path)
     except (pa.ArrowException, OSError) as e:
         raise Gemma3Error(f"{path}: not a readable parquet file ({e})") from None
+    names = schema.names
     if "text" not in names:
         raise Gemma3Error(f"{path}: no 'text' column (columns: {', '.join(names) or 'none'})")
+    # Only string columns are stories: datasets would cast an int64 column to "0", "1", ...
+    tp = schema.field("text").type
+    if pa.types.is_dictionary(tp):
+        tp = tp.value_type
+    if not (pa.types.is_string(tp) or pa.types.is_large_string(tp)):
+        what = "has only nulls" if pa.types.is_null(tp) else f"is {tp}"
+        raise Gemma3Error(
+            f"{path}: column 'text' {what}, not strings; the stories must be a string column"
+        )
 
 
 def load_dataset_files(paths: list[Path], cache_dir: str | os.PathLike[str]) -> Any:
