@@ -22,6 +22,11 @@ from gemma3.model import Gemma3ForCausalLM
 from gemma3.tokenizer import EOT_ID
 
 
+# Temperatures below float32's smallest normal number (1.2e-38) decode greedily: sampling runs in
+# fp32, where such a divisor is 0 or loses its precision.
+FP32_TINY = torch.finfo(torch.float32).tiny
+
+
 def check_sampling(
     *, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None
 ) -> None:
@@ -72,9 +77,12 @@ def sample_next(
 
     `generator` is one generator for all rows or one per row (each row then draws from its own).
     """
-    if temperature == 0:
+    if temperature < FP32_TINY:  # 0, or a temperature fp32 cannot hold: greedy
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # Shifted so the largest is 0 (the same distribution): a tiny temperature then sends the
+    # others to -inf (probability 0, the limit) instead of the largest to +inf (NaN).
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -1032,6 +1032,29 @@ def test_state_from_other_params_warns_and_starts_fresh_never_mixing(ws: Path) -
     assert best["hidden_size"] == p.model_config().emb_dim
 
 
+def test_temperature_below_fp32_range_decodes_greedily_in_cli_and_stage(ws: Path) -> None:
+    """`--temperature 1e-39` / `sample.temperature: 1e-39` used to end in a traceback
+    (logits / 1e-39 overflowed to inf). Such a temperature is the greedy limit: the same text as
+    temperature 0, from the CLI and from the sample stage."""
+    flags = ("--model", CKPT, "--max-new-tokens", "6", "--no-stop", "--seed", "3")
+    outs = [
+        run(ws, "gemma3", "generate", "Once upon", *flags, "--temperature", t)
+        for t in ("0", "1e-39")
+    ]
+    for proc in outs:
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert outs[1].stdout == outs[0].stdout
+
+    completions = []
+    for t in (0.0, 1e-39):
+        write_params(ws, sample={"temperature": t, "max_new_tokens": 6, "stop_at_eot": False})
+        proc = run(ws, "sample")
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        done = json.loads((ws / "samples/samples.json").read_text(encoding="utf-8"))["samples"]
+        completions.append([s["completion"] for s in done])
+    assert completions[1] == completions[0]
+
+
 def test_empty_prompt_starts_a_new_story(ws: Path) -> None:
     """The project's decision: "" is not an error, the story starts from <|endoftext|>."""
     flags = ("--model", CKPT, "--max-new-tokens", "5", "--temperature", "0", "--no-stop")
