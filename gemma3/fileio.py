@@ -168,7 +168,7 @@ def is_regular_file(path: str | os.PathLike[str]) -> bool:
     kind = (
         "a directory"
         if stat.S_ISDIR(mode)
-        else "a FIFO (named pipe)"
+        else "a named pipe"
         if stat.S_ISFIFO(mode)
         else "a device"
         if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)

@@ -21,7 +21,6 @@ from gemma3.errors import Gemma3Error
 from gemma3.model import Gemma3ForCausalLM
 from gemma3.tokenizer import EOT_ID
 
-
 # Temperatures below float32's smallest normal number (1.2e-38) decode greedily: sampling runs in
 # fp32, where such a divisor is 0 or loses its precision.
 FP32_TINY = torch.finfo(torch.float32).tiny

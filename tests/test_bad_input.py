@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -126,7 +127,11 @@ def snapshot(root: Path) -> dict[str, str]:
     """Every file's sha256 and every directory under `root` (a leftover temp dir shows up too)."""
     return {
         p.relative_to(root).as_posix(): (
-            "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            "dir"
+            if p.is_dir()
+            else hashlib.sha256(p.read_bytes()).hexdigest()
+            if p.is_file()
+            else "special"  # a FIFO or a link to /dev/zero a case planted: never read
         )
         for p in sorted(root.rglob("*"))
     }
@@ -237,6 +242,28 @@ def write(rel: str, data: str | bytes) -> Setup:
             path.write_bytes(data)
         else:
             path.write_text(data, encoding="utf-8")
+
+    return setup
+
+
+def fifo(rel: str) -> Setup:
+    """`rel` replaced by a named pipe nobody writes to: reading it would block forever."""
+
+    def setup(root: Path) -> None:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        os.mkfifo(path)
+
+    return setup
+
+
+def symlink(rel: str, target: str) -> Setup:
+    def setup(root: Path) -> None:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        path.symlink_to(target)
 
     return setup
 
@@ -568,6 +595,18 @@ PARAMS_CASES = [
         append("params.yaml", b"# caf\xe9\n"),
         "params.yaml: not valid UTF-8 (byte 0xe9 on line",
     ),
+    case(  # exists, so not "not found"; and never opened (a FIFO would block the read)
+        "params-file-is-a-fifo",
+        "download",
+        fifo("params.yaml"),
+        "params.yaml: not a regular file (a named pipe)",
+    ),
+    case(
+        "params-deeply-nested-yaml",  # PyYAML recurses once per level: RecursionError
+        "train",
+        write("params.yaml", "a: " + "[" * 100_000),
+        "params.yaml: not valid YAML (nested too deeply to read)",
+    ),
     case(
         "params-duplicate-key",
         "download",
@@ -679,6 +718,18 @@ DATA_CASES = [
         'src/s.jsonl:2: expected an object with a string "text" field',
     ),
     case(
+        "download-source-is-a-fifo",
+        "download",
+        chain(fifo("src/s.txt"), params(data={"source": "src/s.txt"})),
+        "src/s.txt: not a regular file (a named pipe)",
+    ),
+    case(
+        "download-source-is-dev-zero",
+        "download",
+        params(data={"source": "/dev/zero"}),
+        "/dev/zero: not a regular file (a device)",
+    ),
+    case(
         "download-unsupported-file-type",
         "download",
         source("src/s.csv", "text\na story\n"),
@@ -768,7 +819,36 @@ BROKEN_CHECKPOINTS |= {
         "checkpoints/best/model.safetensors: model.layers.1.mlp.up_proj.weight has 3 NaN/Inf",
     ),
 }
+BROKEN_CHECKPOINTS |= {
+    # Used to overflow inside torch: a 49-line traceback, exit 1.
+    "config-int-beyond-int64": (
+        edit_json(f"{CKPT}/config.json", lambda d: d.update(hidden_size=10**30)),
+        "checkpoints/best/config.json: hidden_size: must be at most 9223372036854775807 (int64), "
+        f"got {10**30}",
+    ),
+    # Valid JSON, not an object: was AttributeError "'list' object has no attribute 'get'".
+    "meta-not-an-object": (
+        write(f"{CKPT}/gemma3.json", "[]"),
+        "checkpoints/best/gemma3.json: must be a JSON object {...}, got a list",
+    ),
+    # Exist, but are not regular files: not "missing", and never opened (a FIFO blocks).
+    "config-is-a-fifo": (
+        fifo(f"{CKPT}/config.json"),
+        "checkpoints/best/config.json: not a regular file (a named pipe)",
+    ),
+    "weights-are-dev-zero": (
+        symlink(f"{CKPT}/model.safetensors", "/dev/zero"),
+        "checkpoints/best/model.safetensors: not a regular file (a device)",
+    ),
+}
 CHECKPOINT_ENTRIES = {"evaluate": (), "sample": (), "gemma3": GEN}
+EXPORT = ("export-hf", "--model", CKPT, "--out", "exported")
+
+
+def config_value(key: str, value: Any) -> Setup:
+    return edit_json(f"{CKPT}/config.json", lambda d: d.update({key: value}))
+
+
 CHECKPOINT_CASES = [
     case(f"{entry}-{kind}", entry, broken[0], *broken[1:], args=args)
     for entry, args in CHECKPOINT_ENTRIES.items()
@@ -801,6 +881,69 @@ CHECKPOINT_CASES = [
         "gemma3",
         edit_weights(lambda sd: sd.update({k: v.half() for k, v in sd.items()})),
         "model.embed_tokens.weight is float16; checkpoints hold float32 or bfloat16 weights",
+        args=GEN,
+    ),
+    *[
+        case(f"generate-config-{what}", "gemma3", config_value(key, value), needle, args=GEN)
+        for what, key, value, needle in [
+            (
+                "float-for-int",
+                "hidden_size",
+                32.5,
+                "config.json: hidden_size: must be an integer, got 32.5",
+            ),
+            (
+                "bool-for-int",
+                "num_hidden_layers",
+                True,
+                "num_hidden_layers: must be an integer, got True",
+            ),
+            ("negative-int", "intermediate_size", -64, "intermediate_size: must be > 0, got -64"),
+            (
+                "nan-for-int",
+                "head_dim",
+                math.nan,
+                "config.json: head_dim: must be an integer, got nan",
+            ),
+            (
+                "string-for-number",
+                "rms_norm_eps",
+                "tiny",
+                "rms_norm_eps: must be a number, got 'tiny'",
+            ),
+            ("layer-types-not-a-list", "layer_types", 5, "layer_types: must be a list, got 5"),
+        ]
+    ],  # fmt: skip
+    case(
+        "export-hf-config-int-beyond-int64",
+        "gemma3",
+        config_value("hidden_size", 10**30),
+        "checkpoints/best/config.json: hidden_size: must be at most 9223372036854775807 (int64)",
+        args=EXPORT,
+    ),
+    case(
+        "export-hf-meta-not-an-object",
+        "gemma3",
+        write(f"{CKPT}/gemma3.json", '"x"'),
+        "checkpoints/best/gemma3.json: must be a JSON object {...}, got a string",
+        args=EXPORT,
+    ),
+    case(
+        "generate-config-nested-too-deeply",
+        "gemma3",
+        write(f"{CKPT}/config.json", "[" * 100_000),
+        "checkpoints/best/config.json: not valid JSON (nested too deeply to read)",
+        args=GEN,
+    ),
+    case(
+        "generate-config-asks-for-a-million-layers",  # no meta model of 10**6 layers is built
+        "gemma3",
+        edit_json(
+            f"{CKPT}/config.json",
+            lambda d: d.update(num_hidden_layers=10**6, layer_types=[SLIDING] * 10**6),
+        ),
+        "model.safetensors: holds 2 layers, but checkpoints/best/config.json has "
+        "num_hidden_layers 1000000",
         args=GEN,
     ),
     case(

@@ -29,6 +29,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,7 @@ from typing import Any
 
 from gemma3.data.raw import quiet_datasets, write_source_info, write_split
 from gemma3.errors import Gemma3Error
+from gemma3.fileio import is_regular_file
 
 EOT_TEXT = "<|endoftext|>"
 SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -132,7 +134,7 @@ def load_dataset_files(paths: list[Path], cache_dir: str | os.PathLike[str]) -> 
         raise Gemma3Error(f"mixed file types in one split: {', '.join(p.name for p in paths)}")
     kind = suffix.pop()
     for p in paths:
-        if not p.is_file():
+        if not is_regular_file(p):  # a FIFO or /dev/zero is refused, never read (it would block)
             raise Gemma3Error(f"{p}: file not found")
     if kind not in SUFFIXES:
         raise Gemma3Error(f"{paths[0]}: unsupported file type; use one of {', '.join(SUFFIXES)}")
@@ -242,7 +244,9 @@ def shard_set(paths: list[Path]) -> bool:
 
 def split_files(directory: Path) -> dict[str, list[Path]]:
     """The train and validation files of a directory; anything ambiguous is an error."""
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
+    files = sorted(
+        p for p in directory.iterdir() if p.suffix.lower() in SUFFIXES and is_regular_file(p)
+    )
     found: dict[str, list[Path]] = {"train": [], "validation": []}
     both = [p.name for p in files if "train" in p.name.lower() and "valid" in p.name.lower()]
     if both:
@@ -271,6 +275,23 @@ def split_files(directory: Path) -> dict[str, list[Path]]:
     return found
 
 
+def warn_if_outside_repository(path: Path) -> None:
+    """A warning for a path inside the repository (data/source/x.txt) that is a symlink leading
+    out of it: it is followed (a DVC cache or a big disk elsewhere is a normal reason), but never
+    silently, since a cloned repository could point it at any file of yours."""
+    root = Path.cwd().resolve()
+    if not Path(os.path.abspath(path)).is_relative_to(root):
+        return  # data.source set outside on purpose (the download stage notes that already)
+    real = path.resolve()
+    if not real.is_relative_to(root):
+        print(
+            f"warning: {path} is a symlink to {real}, outside the repository; reading it as "
+            "stories (replace the link with a copy if that is not what you meant)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def prepare_local(
     source: str | os.PathLike[str],
     raw_dir: str | os.PathLike[str],
@@ -283,9 +304,12 @@ def prepare_local(
     # The path as the user wrote it (relative to the repository), never the absolute one: the
     # output is cached by DVC, and two clones of the same data must hash the same.
     info: dict[str, Any] = {"source": "local", "path": source.as_posix()}
+    warn_if_outside_repository(source)
     with datasets_cache(raw_dir) as cache:
         if source.is_dir():
             for split, paths in split_files(source).items():
+                for p in paths:
+                    warn_if_outside_repository(p)
                 ds = load_dataset_files(paths, cache)
                 info[split] = write_dataset_split(raw_dir, split, ds, str(source))
                 info[split]["files"] = [p.name for p in paths]
