@@ -418,6 +418,8 @@ def case(
 
 GEN = ("generate", "Once upon a time", "--model", CKPT, "--max-new-tokens", "2", "--seed", "0")
 
+MILLION_LAYERS = Config.from_name("gemma3-tiny", vocab_size=512, n_layers=1_000_000)
+
 PARAMS_CASES = [
     # Every stage validates the whole params.yaml up front; download is the cheapest to start.
     case("params-missing-params-file", "download", remove("params.yaml"), "params.yaml: not found"),
@@ -625,6 +627,20 @@ PARAMS_CASES = [
         "download",
         params(sample={"prompts": ["Once upon a \ud800 time"]}),
         "sample.prompts[0]: '\\ud800' at character 12 is a lone UTF-16 surrogate",
+    ),
+    case(  # tuple(range(10**30)) for the layer pattern would never finish
+        "params-n-layers-beyond-any-model",
+        "download",
+        params(model={"overrides": {"n_layers": 10**30}}),
+        f"model.overrides.n_layers: must be at most 1,048,576, got {10**30}",
+    ),
+    case(  # used to build and initialise real layers for minutes until the OOM killer came
+        "train-model-larger-than-memory",
+        "train",
+        params(model={"overrides": {"n_layers": 1_000_000}}),
+        f"params.yaml: model: {MILLION_LAYERS.param_counts()['stored']:,} parameters need "
+        f"{16 * MILLION_LAYERS.param_counts()['stored'] / 2**30:,.1f} GiB to train (16 bytes each",
+        "more than the",
     ),
     case(
         "params-batch-larger-than-the-data",
