@@ -640,7 +640,10 @@ class StopFlag:
                 signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:  # second Ctrl-C: stop now
+        # A second Ctrl-C stops now. A repeated SIGTERM does not: killing `dvc repro`'s process
+        # group sends one, and dvc's death another (exit_with_parent), to a trainer that should
+        # save its state once, not die mid-step.
+        if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
 

@@ -10,15 +10,21 @@ compare every output file byte for byte before and after.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.dvcrepo import make_repo, sh
+from tests.dvcrepo import make_repo, sh, tool_env
 from tests.project import deep_update
+from tests.test_bad_input import stderr_lines
 
 pytestmark = pytest.mark.slow
 
@@ -143,3 +149,34 @@ def test_failed_download_removes_data_raw_and_dvc_checkout_restores_it(
     assert snapshot(repo, KEPT) == {k: v for k, v in before.items() if k.startswith(KEPT)}
     sh(["dvc", "checkout", "data/raw"], repo)
     assert snapshot(repo, KEPT + DATA) == before
+
+
+def test_sigterm_to_dvc_repro_during_training_saves_the_state_and_says_so(
+    baseline: Path, tmp_path: Path
+) -> None:
+    """`kill -TERM -<pgid>` of a running `dvc repro` (what a job scheduler or `timeout` does):
+    the trainer gets SIGTERM from the group and again when dvc dies (exit_with_parent). It must
+    stop after its step, save the state and print the documented line, not die on the second
+    signal with a bare `train: interrupted` and the steps since the last save lost."""
+    repo = tmp_path / "repo"
+    shutil.copytree(baseline, repo, symlinks=True)
+    set_params(repo, {"train": {"max_steps": 100_000, "eval_interval": 100_000}})
+    state = repo / "checkpoints/state/state.json"
+    old_state = state.read_bytes()
+    proc = subprocess.Popen(
+        ["dvc", "repro"], cwd=repo, env=tool_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while state.read_bytes() == old_state and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)  # the new run saved its first state (step 6): the loop is running
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)  # returns when the trainer, too, closed the pipe
+    step = json.loads(state.read_text(encoding="utf-8"))["step"]
+    assert 6 <= step < 100_000
+    assert "Traceback" not in err, err
+    lines = [ln for ln in stderr_lines(err) if ln.startswith("train: ")]
+    assert lines == [
+        f"train: interrupted: stopped at step {step}; training state saved to "
+        "checkpoints/state, re-run to resume"
+    ], err
