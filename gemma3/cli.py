@@ -275,12 +275,9 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from gemma3 import __version__
 
-    try:
-        return version("gemma3-tinystories")
-    except PackageNotFoundError:  # pragma: no cover - run from a source tree without install
-        return "unknown"
+    return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
