@@ -181,6 +181,7 @@ EXPORT_FILES = frozenset(
         "tokenizer_config.json",
         "special_tokens_map.json",
         "gemma3.json",
+        "README.md",
     }
 )
 EXPORT_MARK = "exported_from"
@@ -188,10 +189,11 @@ EXPORT_MARK = "exported_from"
 
 def _check_export_target(src: Path, dst: Path) -> None:
     """Refuse any --out whose replacement could destroy something export-hf did not write."""
+    import hashlib
     import json
 
     from gemma3.errors import Gemma3Error
-    from gemma3.hf import META
+    from gemma3.hf import CARD, META
 
     if dst == src or src.is_relative_to(dst):
         raise Gemma3Error(
@@ -207,9 +209,13 @@ def _check_export_target(src: Path, dst: Path) -> None:
         return
     foreign = sorted(p.name for p in dst.iterdir() if p.name not in EXPORT_FILES or not p.is_file())
     try:
-        marked = EXPORT_MARK in json.loads((dst / META).read_text(encoding="utf-8"))
+        meta = json.loads((dst / META).read_text(encoding="utf-8"))
+        marked = EXPORT_MARK in meta
     except (OSError, ValueError):
-        marked = False
+        meta, marked = {}, False
+    card = dst / CARD
+    if card.is_file() and hashlib.sha256(card.read_bytes()).hexdigest() != meta.get("card_sha256"):
+        foreign = sorted([*foreign, CARD])  # the model card, edited since the export
     if foreign or not marked:
         what = f"holds {foreign[0]!r}" if foreign else "was not written by gemma3 export-hf"
         raise Gemma3Error(

@@ -594,8 +594,19 @@ def save_best(run: Run, state: TrainState, val: float, step: int) -> None:
             "mlflow_run_id": state.mlflow_run_id,
             "block_size": run.p.train.block_size,
             "data": {"eot": run.data_meta.get("eot"), "source": run.data_meta.get("source")},
+            "training": training_summary(run),  # the model card's table
         },
     )
+
+
+def training_summary(run: Run) -> dict[str, Any]:
+    """The params that made this checkpoint, as the model card lists them."""
+    t, rt = run.p.train, run.rt
+    keys = ("max_steps", "batch_size", "block_size", "grad_accum", "lr", "min_lr", "warmup_steps")
+    keys += ("weight_decay", "grad_clip")
+    tokens = t.max_steps * t.batch_size * t.block_size * t.grad_accum * rt.world_size
+    summary = {"seed": run.p.seed, **{k: getattr(t, k) for k in keys}}
+    return summary | {"tokens": tokens, "precision": rt.precision, "world_size": rt.world_size}
 
 
 def _write_plots(path: Path, rows: list[dict[str, Any]]) -> None:
