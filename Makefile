@@ -24,14 +24,14 @@ $(BIN)/python:
 
 $(VENV)/.installed-base: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e ".[pipeline]"
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed-base
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[pipeline,dev]"
 	touch $@
 
-## setup: only create .venv (then `. .venv/bin/activate`); no data, no training
+## setup: only create .venv with the pipeline extra (then `. .venv/bin/activate`); no data, no training
 setup: $(VENV)/.installed-base
 
 ## run: set up .venv and run the default DVC pipeline (download -> tokenize -> train -> evaluate -> sample)

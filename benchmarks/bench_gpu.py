@@ -251,7 +251,7 @@ def engine_run(steps: int, bs: int) -> dict[str, Any]:
         raise RuntimeError(f"train stage exit {proc.returncode}: {proc.stderr.strip()[-400:]}")
     log(f"train stage stdout: {proc.stdout.strip().splitlines()[-1]}")
     log("train stage plots/train.csv:\n" + (root / "plots/train.csv").read_text())
-    m = json.loads((root / "metrics/train.json").read_text())
+    m = json.loads((root / "metrics/train.json").read_text())["train"]
     row = {
         "what": f"train stage (engine), {m['precision']}, compile, mb {bs}, last {20} steps",
         "tokens/s": m["tokens_per_s"],

@@ -181,6 +181,7 @@ EXPORT_FILES = frozenset(
         "tokenizer_config.json",
         "special_tokens_map.json",
         "gemma3.json",
+        "README.md",
     }
 )
 EXPORT_MARK = "exported_from"
@@ -188,9 +189,11 @@ EXPORT_MARK = "exported_from"
 
 def _check_export_target(src: Path, dst: Path) -> None:
     """Refuse any --out whose replacement could destroy something export-hf did not write."""
+    import hashlib
+
     from gemma3.errors import Gemma3Error
     from gemma3.fileio import load_json_object
-    from gemma3.hf import META
+    from gemma3.hf import CARD, META
 
     if dst == src or src.is_relative_to(dst):
         raise Gemma3Error(
@@ -205,10 +208,16 @@ def _check_export_target(src: Path, dst: Path) -> None:
     if not dst.exists() or not any(dst.iterdir()):
         return
     foreign = sorted(p.name for p in dst.iterdir() if p.name not in EXPORT_FILES or not p.is_file())
+    meta: dict = {}
     try:  # only a regular gemma3.json is read (a FIFO there would block): it is in `foreign`
-        marked = not foreign and EXPORT_MARK in load_json_object(dst / META)
+        if not foreign:
+            meta = load_json_object(dst / META)
     except (OSError, Gemma3Error):
-        marked = False
+        pass
+    marked = EXPORT_MARK in meta
+    card = dst / CARD
+    if card.is_file() and hashlib.sha256(card.read_bytes()).hexdigest() != meta.get("card_sha256"):
+        foreign = sorted([*foreign, CARD])  # the model card, edited since the export
     if foreign or not marked:
         what = f"holds {foreign[0]!r}" if foreign else "was not written by gemma3 export-hf"
         raise Gemma3Error(
@@ -274,12 +283,9 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from gemma3 import __version__
 
-    try:
-        return version("gemma3-tinystories")
-    except PackageNotFoundError:  # pragma: no cover - run from a source tree without install
-        return "unknown"
+    return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,16 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
+# Top-level modules of the `pipeline` extra: the library (load, generate, export) runs without them.
+PIPELINE_MODULES = frozenset(
+    {"yaml", "tqdm", "datasets", "huggingface_hub", "pandas", "pyarrow", "dvc", "mlflow"}
+    | {"transformers", "httpx2"}
+)
+INSTALL_PIPELINE = (
+    "pip install 'gemma3-tinystories[pipeline]' (in a clone: pip install -e '.[pipeline]')"
+)
+
+
 class Gemma3Error(Exception):
     """An error caused by input the user can fix (params, files, flags). Message is one line."""
 
@@ -30,6 +40,17 @@ class Gemma3EnvironmentError(Gemma3Error):
     exit_code = 1
 
 
+def missing_extra(e: ModuleNotFoundError) -> Gemma3Error | None:
+    """A one-line error for a module of the `pipeline` extra that is not installed, else None."""
+    module = (e.name or "").split(".")[0]
+    if module not in PIPELINE_MODULES:
+        return None
+    return Gemma3Error(
+        f"this needs the '{module}' package of the pipeline extra, which is not installed: "
+        + INSTALL_PIPELINE
+    )
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -39,7 +60,10 @@ def run_main(main: Callable[[], int | None], prog: str | None = None) -> NoRetur
     debug = os.environ.get("GEMMA3_DEBUG", "") not in ("", "0")
     name = prog or os.path.basename(sys.argv[0] or "gemma3")
     try:
-        code = main()
+        try:
+            code = main()
+        except ModuleNotFoundError as e:  # a library-only install running a pipeline command
+            raise missing_extra(e) or e from None
     except Gemma3Error as e:
         if debug:
             raise

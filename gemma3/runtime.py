@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 
 from gemma3.errors import Gemma3Error
-from gemma3.params import PRECISIONS
 
 # Dense bf16 peak FLOP/s (no sparsity), matched against torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = (
@@ -87,6 +86,8 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 def resolve_precision(requested: str, device: torch.device) -> str:
     """ "auto" -> bf16-autocast on CUDA and on CPUs with native bf16, fp32 elsewhere."""
+    from gemma3.params import PRECISIONS  # here: params needs pyyaml, inference must not
+
     if requested not in PRECISIONS:
         raise Gemma3Error(
             f"params.yaml: train.precision: must be one of {', '.join(PRECISIONS)}, got {requested!r}"

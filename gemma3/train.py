@@ -415,9 +415,18 @@ def _resumable_state(run: Run, fp: str) -> tuple[dict[str, Any], dict[str, torch
     p, state_dir = run.p, run.paths.state_dir
     info = read_state_info(state_dir) if p.train.resume else None
     if info is None:
+        if p.train.resume and (state_dir / STATE_JSON).is_file():  # there, but not readable
+            warn(
+                f"{state_dir / STATE_JSON}: unreadable or incomplete training state; starting fresh"
+            )
         return None
     if info.get("fingerprint") != fp:
-        warn(f"{state_dir}: saved training state was made with different params; starting fresh")
+        # The normal start of a new experiment (dvc exp run -S ...): a notice, not a warning.
+        print(
+            f"new params: training from step 0 ({state_dir} holds another params' run, "
+            "replaced at this run's first save)",
+            file=sys.stderr,
+        )
         return None
     if info.get("step", 0) >= p.train.max_steps:
         return None  # a finished run is not resumed: re-running trains again
@@ -554,8 +563,9 @@ def checkpoint_status(run: Run, state: TrainState) -> str:
 
 
 def log_row(run: Run, state: TrainState, row: dict[str, Any], bar: Any) -> None:
-    """Record one row: history (plots/train.csv), the tracker, the progress bar."""
+    """Record one row: history, the DVC files (live), the tracker, the progress bar."""
     state.history.append(row)
+    write_metrics(run, state)  # so `dvc exp show` / `dvc plots show` follow a running experiment
     if run.tracker is not None:
         names = {"train_loss": "loss/train", "val_loss": "loss/val", "lr": "lr"}
         names |= {"grad_norm": "grad_norm", "tokens_per_s": "tokens_per_s", "mfu": "mfu"}
@@ -605,8 +615,19 @@ def save_best(run: Run, state: TrainState, val: float, step: int) -> None:
             "mlflow_run_id": state.mlflow_run_id,
             "block_size": run.p.train.block_size,
             "data": {"eot": run.data_meta.get("eot"), "source": run.data_meta.get("source")},
+            "training": training_summary(run),  # the model card's table
         },
     )
+
+
+def training_summary(run: Run) -> dict[str, Any]:
+    """The params that made this checkpoint, as the model card lists them."""
+    t, rt = run.p.train, run.rt
+    keys = ("max_steps", "batch_size", "block_size", "grad_accum", "lr", "min_lr", "warmup_steps")
+    keys += ("weight_decay", "grad_clip")
+    tokens = t.max_steps * t.batch_size * t.block_size * t.grad_accum * rt.world_size
+    summary = {"seed": run.p.seed, **{k: getattr(t, k) for k in keys}}
+    return summary | {"tokens": tokens, "precision": rt.precision, "world_size": rt.world_size}
 
 
 def _write_plots(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -696,7 +717,6 @@ def fit(run: Run, state: TrainState, fault_hook: FaultHook | None, bar: Any) -> 
             state.step = done
             if saving and rt.is_main:
                 save_state(run.paths.state_dir, run.model, run.optimizer, state)
-                _write_plots(run.paths.plots, state.history)
             if stopping:
                 raise KeyboardInterrupt(
                     f"stopped at step {done}; training state saved to {run.paths.state_dir}, "
@@ -704,36 +724,53 @@ def fit(run: Run, state: TrainState, fault_hook: FaultHook | None, bar: Any) -> 
                 )
 
 
-def finish(run: Run, state: TrainState) -> dict[str, Any]:
-    """Rank 0: metrics/train.json, the plot, the tracker's last words; returns the metrics."""
+def train_metrics(run: Run, state: TrainState) -> dict[str, Any]:
+    """The `train` section of metrics/train.json, as of the last logged step."""
     t, rt = run.p.train, run.rt
-    if state.best_step is None or not run.paths.best_dir.exists():
-        # Resumed after checkpoints/best was deleted: the final weights are all we have.
-        warn(f"{run.paths.best_dir} was missing; saving the final weights as the checkpoint")
-        save_best(run, state, validate(run), t.max_steps)
     last = state.history[-1] if state.history else {}
-    metrics = {
-        "best_val_loss": _fmt(state.best_val_loss),
+    steps = last.get("step", state.step)
+    best = state.best_val_loss
+    return {
+        "best_val_loss": _fmt(best) if best < math.inf else None,
         "best_step": state.best_step,
         "final_train_loss": last.get("train_loss"),
         "final_val_loss": last.get("val_loss"),
-        "steps": t.max_steps,
-        "tokens": t.max_steps * t.batch_size * t.block_size * t.grad_accum * rt.world_size,
+        "steps": steps,
+        "tokens": steps * t.batch_size * t.block_size * t.grad_accum * rt.world_size,
         "tokens_per_s": last.get("tokens_per_s"),
         "mfu": last.get("mfu"),
         "device": str(rt.device),
         "precision": rt.precision,
         "world_size": rt.world_size,
         "params": run.cfg.param_counts()["total"],
-        "mlflow_run_id": state.mlflow_run_id,
     }
-    atomic_write_json(run.paths.metrics, metrics)
+
+
+def write_metrics(run: Run, state: TrainState) -> dict[str, Any]:
+    """metrics/train.json and the plots, atomically: namespaced so `dvc exp show` reads
+    `train.best_val_loss`, ... and `mlflow.run_id` (the one place the run id appears)."""
+    metrics = train_metrics(run, state)
+    doc: dict[str, Any] = {"train": metrics}
+    if state.mlflow_run_id:
+        doc["mlflow"] = {"run_id": state.mlflow_run_id}
+    atomic_write_json(run.paths.metrics, doc)
     _write_plots(run.paths.plots, state.history)
+    return metrics
+
+
+def finish(run: Run, state: TrainState) -> dict[str, Any]:
+    """Rank 0: metrics/train.json, the plot, the tracker's last words; returns the metrics."""
+    t = run.p.train
+    if state.best_step is None or not run.paths.best_dir.exists():
+        # Resumed after checkpoints/best was deleted: the final weights are all we have.
+        warn(f"{run.paths.best_dir} was missing; saving the final weights as the checkpoint")
+        save_best(run, state, validate(run), t.max_steps)
+    metrics = write_metrics(run, state)
     if run.tracker is not None:
         run.tracker.log_metrics({"best_val_loss": state.best_val_loss}, step=t.max_steps)
         run.tracker.log_artifact(run.paths.best_dir, "checkpoint")
         run.tracker.finish()
-    return metrics
+    return {**metrics, "mlflow_run_id": state.mlflow_run_id}
 
 
 def start_tracker(run: Run, state: TrainState, factory: TrackerFactory | None) -> None:

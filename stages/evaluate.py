@@ -39,9 +39,10 @@ def main() -> None:
         "tokens": res["tokens"],
         "block_size": block,
         "checkpoint_step": ckpt.get("step"),
-        "mlflow_run_id": ckpt.get("mlflow_run_id"),
     }
-    atomic_write_json(OUT, metrics)
+    # Namespaced: `dvc exp show` reads eval.loss, eval.perplexity, ... (the MLflow run id is in
+    # metrics/train.json only).
+    atomic_write_json(OUT, {"eval": metrics})
 
     from gemma3.tracking import start_run
 

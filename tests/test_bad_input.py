@@ -82,8 +82,8 @@ CKPT_CFG = Config(
 
 # Stand-ins for outputs of earlier runs: a failing command must leave them as they are.
 EARLIER_OUTPUTS = {
-    "metrics/train.json": '{"best_val_loss": 1.0}\n',
-    "metrics/eval.json": '{"loss": 1.0}\n',
+    "metrics/train.json": '{"train": {"best_val_loss": 1.0}}\n',
+    "metrics/eval.json": '{"eval": {"loss": 1.0}}\n',
     "plots/train.csv": "step,train_loss,val_loss,lr,grad_norm,tokens_per_s,mfu\n",
     "samples/samples.md": "# Samples\n",
     "samples/samples.json": '{"samples": []}\n',
@@ -1111,7 +1111,7 @@ def test_ctrl_c_during_training_saves_state_and_resumes(ws: Path) -> None:
     again = run_stage(ws, "train")
     assert f"resuming from {STATE} at step {step}/15" in again.stderr
     assert json.loads(state.read_text())["step"] == 15
-    assert json.loads((ws / "metrics/train.json").read_text())["steps"] == 15
+    assert json.loads((ws / "metrics/train.json").read_text())["train"]["steps"] == 15
     assert sorted(p.name for p in (ws / "checkpoints").iterdir()) == ["best", "state"]
 
 
@@ -1167,15 +1167,19 @@ def test_eval_interval_beyond_max_steps_is_one_warning(ws: Path) -> None:
     assert_one_warning(
         proc, "train.eval_interval (10) > train.max_steps (2)", "validation runs only at the end"
     )
-    assert json.loads((ws / "metrics/train.json").read_text())["best_step"] == 2
+    assert json.loads((ws / "metrics/train.json").read_text())["train"]["best_step"] == 2
 
 
-def test_state_from_other_params_warns_and_starts_fresh_never_mixing(ws: Path) -> None:
+def test_state_from_other_params_starts_a_new_run_never_mixing(ws: Path) -> None:
     write_params(ws, train=SHORT_TRAIN)
     training_state(OTHER_PRESET, same_fingerprint=False)(ws)
     proc = run(ws, "train")
-    assert_one_warning(
-        proc, "checkpoints/state: saved training state was made with different params"
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    # The normal start of a new experiment: one notice, not a warning.
+    (line,) = stderr_lines(proc.stderr)
+    assert line == (
+        "new params: training from step 0 (checkpoints/state holds another params' run, "
+        "replaced at this run's first save)"
     )
     p = load_params(ws / "params.yaml")
     meta = json.loads((ws / "data/tokens/meta.json").read_text())

@@ -46,7 +46,7 @@ def test_auto_precision_is_bf16_autocast_where_bf16_is_native(monkeypatch, nativ
 def test_train_writes_the_precision_it_used(tmp_path: Path) -> None:
     root = make_project(tmp_path, train={"max_steps": 2, "warmup_steps": 1})
     run_stage(root, "train")
-    metrics = json.loads((root / "metrics/train.json").read_text())
+    metrics = json.loads((root / "metrics/train.json").read_text())["train"]
     assert metrics["precision"] == runtime.resolve_precision("auto", torch.device("cpu"))
 
 

@@ -145,7 +145,7 @@ def test_kill_during_the_state_write_keeps_the_previous_state_and_resumes(
     assert f"resuming from {STATE} at step 2/6" in resumed.stderr, resumed.stderr
     assert json.loads((state / "state.json").read_text())["step"] == 6
     assert len(load_file(str(state / "state.safetensors"))) > 0
-    assert json.loads((ws / "metrics/train.json").read_text())["steps"] == 6
+    assert json.loads((ws / "metrics/train.json").read_text())["train"]["steps"] == 6
     leftovers = sorted(p.name for p in (ws / "checkpoints").iterdir())
     assert leftovers == ["best", "state"], leftovers
 
@@ -162,7 +162,7 @@ def test_kill_during_the_best_checkpoint_write_keeps_the_previous_one(ws: Path, 
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     ev = run(ws, "evaluate")
     assert ev.returncode == 0, ev.stderr
-    assert json.loads((ws / "metrics/eval.json").read_text())["checkpoint_step"] == 2
+    assert json.loads((ws / "metrics/eval.json").read_text())["eval"]["checkpoint_step"] == 2
     assert json.loads((ws / CKPT / "gemma3.json").read_text())["step"] == 2
 
 

@@ -51,10 +51,11 @@ def test_baseline_outputs_and_mlflow_run(trained: Trained, repo_copy: Path) -> N
     by_step = {r["step"]: r["val_loss"] for r in rows if r["val_loss"]}
     assert {r["step"]: r["val_loss"] for r in val} == by_step
 
-    train = read_json(repo / "metrics/train.json")
+    train_doc = read_json(repo / "metrics/train.json")
+    train = train_doc["train"]
     assert train["steps"] == STEPS
     assert train["best_val_loss"] == pytest.approx(min(float(r["val_loss"]) for r in val))
-    ev = read_json(repo / "metrics/eval.json")
+    ev = read_json(repo / "metrics/eval.json")["eval"]
     assert ev["perplexity"] == pytest.approx(math.exp(ev["loss"]), rel=1e-3)
 
     # The sample stage's story is what the CLI generates greedily from the same checkpoint.
@@ -70,7 +71,7 @@ def test_baseline_outputs_and_mlflow_run(trained: Trained, repo_copy: Path) -> N
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("e2e")
     (run,) = client.search_runs([exp.experiment_id])
-    assert run.info.run_id == train["mlflow_run_id"] == ev["mlflow_run_id"]
+    assert run.info.run_id == train_doc["mlflow"]["run_id"]
     assert run.info.run_name == f"repro@{trained.run_commit[:7]}"
     assert run.info.status == "FINISHED"
     t = run.data.tags
@@ -109,19 +110,17 @@ def test_baseline_outputs_and_mlflow_run(trained: Trained, repo_copy: Path) -> N
 
 def test_eval_param_change_reruns_evaluate_only_into_the_same_run(repo_copy: Path) -> None:
     repo = repo_copy
-    before = read_json(repo / "metrics/eval.json")
+    before = read_json(repo / "metrics/eval.json")["eval"]
+    run_id = read_json(repo / "metrics/train.json")["mlflow"]["run_id"]
     _set_param(repo, "eval", "batch_size", 4)
     out = sh(["dvc", "repro"], repo).stdout
     assert "Running stage 'evaluate'" in out
     assert "Running stage 'train'" not in out and "Running stage 'sample'" not in out
-    after = read_json(repo / "metrics/eval.json")
-    assert after["mlflow_run_id"] == before["mlflow_run_id"]
+    after = read_json(repo / "metrics/eval.json")["eval"]
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    hist = sorted(
-        client.get_metric_history(before["mlflow_run_id"], "eval/loss"), key=lambda m: m.timestamp
-    )
+    hist = sorted(client.get_metric_history(run_id, "eval/loss"), key=lambda m: m.timestamp)
     assert [m.value for m in hist] == pytest.approx([before["loss"], after["loss"]], abs=1e-4)
 
 
@@ -139,7 +138,7 @@ def test_queued_experiments_plots_and_leaderboard(repo_copy: Path, tmp_path: Pat
     run_ids = {}
     for name, lr in lrs.items():
         assert exps[name]["params"]["params.yaml"]["data"]["train"]["lr"] == lr
-        run_ids[name] = exps[name]["metrics"]["metrics/train.json"]["data"]["mlflow_run_id"]
+        run_ids[name] = exps[name]["metrics"]["metrics/train.json"]["data"]["mlflow"]["run_id"]
     # The temporary copies the queue ran in are gone.
     exps_tmp = repo / ".dvc" / "tmp" / "exps"
     assert not exps_tmp.exists() or not list(exps_tmp.rglob("params.yaml"))

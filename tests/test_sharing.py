@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 
 README_DVC_REMOTE = "/mnt/shared/gemma3-dvc"
 README_GIT_URL = "git@example.com:team/gemma3-tinystories.git"
+README_GIT_PATH = "/srv/git/team/gemma3-tinystories.git"  # the same repository, on the server
 
 
 def readme_block(role: str) -> str:
@@ -32,6 +33,7 @@ def readme_block(role: str) -> str:
 def replay(block: str, cwd: Path, remote: Path, git_url: Path) -> str:
     """Run the README's commands as written, with only the two addresses replaced."""
     script = block.replace(README_DVC_REMOTE, str(remote)).replace(README_GIT_URL, str(git_url))
+    script = script.replace(README_GIT_PATH, str(git_url))
     assert script != block or README_DVC_REMOTE not in block
     proc = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script],
@@ -52,7 +54,9 @@ def files(d: Path) -> dict[str, bytes]:
 
 def test_readme_walkthrough_replayed_verbatim(repo_copy: Path, tmp_path: Path) -> None:
     origin, remote, bare = repo_copy, tmp_path / "dvc-remote", tmp_path / "team.git"
-    sh(["git", "init", "-q", "--bare", "-b", "main", str(bare)], tmp_path)
+    replay(readme_block("server"), tmp_path, remote, bare)  # the bare repository, HEAD -> main
+    head = sh(["git", "symbolic-ref", "HEAD"], bare).stdout.strip()
+    assert head == "refs/heads/main"  # what `dvc artifacts get` resolves the default branch by
     sh(["git", "remote", "add", "origin", str(bare)], origin)  # the team's git server
     baseline = files(origin / "checkpoints/best")
 

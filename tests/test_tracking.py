@@ -53,14 +53,14 @@ def test_dead_tracking_server_warns_once_and_training_completes(tmp_path: Path) 
         assert len(warnings) == 1, proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr
     m = read_json(tmp_path / "metrics/train.json")
-    assert m["steps"] == 10 and m["best_val_loss"] is not None
-    assert m["mlflow_run_id"] is None
+    assert m["train"]["steps"] == 10 and m["train"]["best_val_loss"] is not None
+    assert "mlflow" not in m  # no run: no run id
     with open(tmp_path / "plots/train.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == list(
         range(TINY_TRAIN["log_interval"], 10 + 1, TINY_TRAIN["log_interval"])
     )
-    assert read_json(tmp_path / "metrics/eval.json")["loss"] > 0
+    assert read_json(tmp_path / "metrics/eval.json")["eval"]["loss"] > 0
 
 
 class HungServer:
@@ -112,7 +112,7 @@ def test_hung_tracking_server_costs_one_short_timeout_per_stage(tmp_path: Path) 
             assert len(server.connections) - before == 1
     finally:
         server.close()
-    assert read_json(tmp_path / "metrics/train.json")["mlflow_run_id"] is None
+    assert "mlflow" not in read_json(tmp_path / "metrics/train.json")
 
 
 def test_tracking_disabled_writes_no_store_and_no_run(tmp_path: Path) -> None:
@@ -126,8 +126,8 @@ def test_tracking_disabled_writes_no_store_and_no_run(tmp_path: Path) -> None:
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "tracking" not in proc.stderr and "mlflow" not in proc.stderr.lower()
-    assert read_json(tmp_path / "metrics/train.json")["mlflow_run_id"] is None
-    assert read_json(tmp_path / "metrics/eval.json")["mlflow_run_id"] is None
+    assert "mlflow" not in read_json(tmp_path / "metrics/train.json")
+    assert set(read_json(tmp_path / "metrics/eval.json")) == {"eval"}
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlartifacts").exists()
 
 

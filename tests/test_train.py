@@ -100,7 +100,7 @@ def test_no_weight_decay_on_norms() -> None:
 def test_train_stage_learns_and_writes_outputs(tmp_path: Path) -> None:
     root = make_project(tmp_path)
     run_stage(root, "train")
-    metrics = json.loads((root / "metrics" / "train.json").read_text())
+    metrics = json.loads((root / "metrics" / "train.json").read_text())["train"]
     assert metrics["best_val_loss"] < math.log(512) - 1.0  # well below uniform
     rows = (root / "plots" / "train.csv").read_text().splitlines()
     assert rows[0] == "step,train_loss,val_loss,lr,grad_norm,tokens_per_s,mfu"
