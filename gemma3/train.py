@@ -40,7 +40,7 @@ from safetensors.torch import load_file
 
 from gemma3.config import Config
 from gemma3.data.tokens import fixed_batches, load_tokens, read_tokens_meta, sample_batch
-from gemma3.errors import Gemma3Error
+from gemma3.errors import Gemma3EnvironmentError, Gemma3Error
 from gemma3.fileio import (
     atomic_dir,
     atomic_write_json,
@@ -793,6 +793,33 @@ def start_tracker(run: Run, state: TrainState, factory: TrackerFactory | None) -
     state.mlflow_run_id = getattr(run.tracker, "run_id", None)
 
 
+def _is_peer_loss(e: RuntimeError) -> bool:
+    """A collective that failed because another rank is gone (gloo: "Connection closed by
+    peer"; NCCL: a DistBackendError), as opposed to a bug on this rank."""
+    backend_error = getattr(dist, "DistBackendError", ())
+    words = ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL")
+    return isinstance(e, backend_error) or any(w in str(e) for w in words)
+
+
+@contextlib.contextmanager
+def peers_alive(rt: Runtime, state: TrainState, state_dir: Path) -> Iterator[None]:
+    """Under torchrun, a rank killed with -9 (or by the OOM killer) makes the others' next
+    collective fail with a backend traceback; they say so in one line instead, naming the rank
+    when it is knowable (of two, the other one) and the step, and exit 1 (not the input's fault).
+    """
+    try:
+        yield
+    except RuntimeError as e:
+        if not (rt.dist.active and _is_peer_loss(e)):
+            raise
+        who = f"rank {1 - rt.dist.rank}" if rt.world_size == 2 else "a peer process"
+        raise Gemma3EnvironmentError(
+            f"{who} of {rt.world_size} is gone (it died or was killed) during step "
+            f"{state.step + 1}; rank {rt.dist.rank} stopped too: re-run to resume from the last "
+            f"training state saved in {state_dir}"
+        ) from None
+
+
 def train(
     p: Params,
     paths: TrainPaths,
@@ -823,7 +850,8 @@ def train(
                 bar = tqdm(total=p.train.max_steps, initial=state.step, desc="train", unit="step")
             # The bar is closed however the loop ends, so an error starts on a line of its own.
             with bar if bar is not None else contextlib.nullcontext():
-                fit(run, state, fault_hook, bar)
+                with peers_alive(rt, state, paths.state_dir):
+                    fit(run, state, fault_hook, bar)
             return finish(run, state) if rt.is_main else {}
     finally:
         if created:
