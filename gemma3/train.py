@@ -40,7 +40,7 @@ from safetensors.torch import load_file
 
 from gemma3.config import Config
 from gemma3.data.tokens import fixed_batches, load_tokens, read_tokens_meta, sample_batch
-from gemma3.errors import Gemma3Error
+from gemma3.errors import Gemma3EnvironmentError, Gemma3Error
 from gemma3.fileio import (
     atomic_dir,
     atomic_write_json,
@@ -133,13 +133,19 @@ NOT_IN_FINGERPRINT = (
 )
 
 
-def fingerprint(p: Params, data_meta: dict[str, Any], world_size: int) -> str:
-    """Hash of everything that shapes the training trajectory; a saved state resumes only on a match."""
+def fingerprint(
+    p: Params, data_meta: dict[str, Any], world_size: int, vocab_pad_multiple: int = 1
+) -> str:
+    """Hash of everything that shapes the training trajectory; a saved state resumes only on a match.
+
+    The model is described as trained: with the vocab padding its machine resolved (64 on CUDA
+    under `vocab_pad_multiple: auto`, 1 elsewhere), which the state records beside the hash.
+    """
     train = {k: v for k, v in p.to_dict()["train"].items() if k not in NOT_IN_FINGERPRINT}
     data = {k: data_meta.get(k) for k in ("train", "validation", "eot", "vocab_size", "source")}
     relevant = {
         "seed": p.seed,
-        "model": p.model_config().to_dict(),
+        "model": p.model_config(vocab_pad_multiple).to_dict(),
         "train": train,
         "data": data,
         "world_size": world_size,
@@ -207,6 +213,9 @@ class TrainState:
     best_step: int | None = None  # None: this run has not written checkpoints/best yet
     history: list[dict[str, Any]] = field(default_factory=list)  # the rows of plots/train.csv
     mlflow_run_id: str | None = None
+    # The padding of the saved embedding / lm head rows (states from before it was recorded: 1,
+    # which is also what their fingerprint describes).
+    vocab_pad_multiple: int = 1
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainState:
@@ -266,6 +275,24 @@ def read_state_tensors(directory: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
+# Tensors with one row per (padded) vocabulary entry.
+VOCAB_ROWS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def fit_vocab_rows(t: torch.Tensor, rows: int, vocab: int) -> torch.Tensor:
+    """`t` with `rows` rows, changing only padding (rows at or beyond `vocab`): extra rows are
+    zeros (never read: inputs are < vocab and logits are cropped to it, so they stay zero:
+    no gradient, no moment, decay keeps 0 at 0), surplus padding rows are dropped. A tensor
+    with fewer than `vocab` rows is another model's and is returned as is (the shape check
+    then refuses it)."""
+    if t.shape[0] == rows or t.shape[0] < vocab or rows < vocab:
+        return t
+    out = t.new_zeros((rows, *t.shape[1:]))
+    n = min(rows, t.shape[0])
+    out[:n] = t[:n]
+    return out
+
+
 def load_state(
     directory: Path,
     model: Gemma3ForCausalLM,
@@ -276,19 +303,28 @@ def load_state(
     """Put a saved state into `model` and `optimizer`; `tensors` when already read (or sent)."""
     tensors = read_state_tensors(directory) if tensors is None else tensors
     own = model.state_dict()
+    vocab = model.config.vocab_size
     sd = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     if model.config.tie_embeddings and "model.embed_tokens.weight" in sd:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    for key in VOCAB_ROWS:  # saved on a machine with another vocab padding (CUDA <-> CPU)
+        if key in sd and sd[key].shape[1:] == own[key].shape[1:]:
+            sd[key] = fit_vocab_rows(sd[key], own[key].shape[0], vocab)
     if set(sd) != set(own) or any(sd[k].shape != own[k].shape for k in own):
         raise Gemma3Error(
             f"{directory}: training state does not match the model config; delete it to start fresh"
         )
     model.load_state_dict(sd)
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # state_dict's numbering
+    vocab_params = {id(model.get_parameter(k)) for k in VOCAB_ROWS}
     moments: dict[int, dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():
         if k.startswith("optim."):
             _, idx, name = k.split(".", 2)
-            moments.setdefault(int(idx), {})[name] = v
+            i = int(idx)
+            if i < len(params) and id(params[i]) in vocab_params and v.dim() == 2:
+                v = fit_vocab_rows(v, params[i].shape[0], vocab)  # moments move with their rows
+            moments.setdefault(i, {})[name] = v
     optimizer.load_state_dict({"state": moments, "param_groups": info["param_groups"]})
     torch.set_rng_state(tensors["rng.torch_cpu"])
     if "rng.torch_cuda" in tensors and torch.cuda.is_available():
@@ -420,7 +456,15 @@ def _resumable_state(run: Run, fp: str) -> tuple[dict[str, Any], dict[str, torch
                 f"{state_dir / STATE_JSON}: unreadable or incomplete training state; starting fresh"
             )
         return None
-    if info.get("fingerprint") != fp:
+    # The fingerprint of this run's params, for the model as the saved state trained it (its
+    # vocab padding may be another machine's: load_state converts the padding rows).
+    pad = info.get("vocab_pad_multiple", 1)
+    made_here = (
+        isinstance(pad, int)
+        and 1 <= pad <= 2**20
+        and info.get("fingerprint") == fingerprint(p, run.data_meta, run.rt.world_size, pad)
+    )
+    if not made_here:
         # The normal start of a new experiment (dvc exp run -S ...): a notice, not a warning.
         print(
             f"new params: training from step 0 ({state_dir} holds another params' run, "
@@ -435,13 +479,15 @@ def _resumable_state(run: Run, fp: str) -> tuple[dict[str, Any], dict[str, torch
 
 def resume(run: Run) -> TrainState:
     """The state to start from: the saved one when it continues this run, else a fresh one."""
-    fp = fingerprint(run.p, run.data_meta, run.rt.world_size)
+    pad = run.cfg.vocab_pad_multiple
+    fp = fingerprint(run.p, run.data_meta, run.rt.world_size, pad)
     found = _resumable_state(run, fp) if run.rt.is_main else None
     found = broadcast_object(found, run.rt.dist, run.rt.device)
     if found is None:
-        return TrainState(fingerprint=fp)
+        return TrainState(fingerprint=fp, vocab_pad_multiple=pad)
     info, tensors = found
     state = load_state(run.paths.state_dir, run.model, run.optimizer, info, tensors)
+    state.fingerprint, state.vocab_pad_multiple = fp, pad  # from now on, as trained here
     if run.rt.is_main:
         print(
             f"resuming from {run.paths.state_dir} at step {state.step}/{run.p.train.max_steps}",
@@ -784,6 +830,33 @@ def start_tracker(run: Run, state: TrainState, factory: TrackerFactory | None) -
     state.mlflow_run_id = getattr(run.tracker, "run_id", None)
 
 
+def _is_peer_loss(e: RuntimeError) -> bool:
+    """A collective that failed because another rank is gone (gloo: "Connection closed by
+    peer"; NCCL: a DistBackendError), as opposed to a bug on this rank."""
+    backend_error = getattr(dist, "DistBackendError", ())
+    words = ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL")
+    return isinstance(e, backend_error) or any(w in str(e) for w in words)
+
+
+@contextlib.contextmanager
+def peers_alive(rt: Runtime, state: TrainState, state_dir: Path) -> Iterator[None]:
+    """Under torchrun, a rank killed with -9 (or by the OOM killer) makes the others' next
+    collective fail with a backend traceback; they say so in one line instead, naming the rank
+    when it is knowable (of two, the other one) and the step, and exit 1 (not the input's fault).
+    """
+    try:
+        yield
+    except RuntimeError as e:
+        if not (rt.dist.active and _is_peer_loss(e)):
+            raise
+        who = f"rank {1 - rt.dist.rank}" if rt.world_size == 2 else "a peer process"
+        raise Gemma3EnvironmentError(
+            f"{who} of {rt.world_size} is gone (it died or was killed) during step "
+            f"{state.step + 1}; rank {rt.dist.rank} stopped too: re-run to resume from the last "
+            f"training state saved in {state_dir}"
+        ) from None
+
+
 def train(
     p: Params,
     paths: TrainPaths,
@@ -814,7 +887,8 @@ def train(
                 bar = tqdm(total=p.train.max_steps, initial=state.step, desc="train", unit="step")
             # The bar is closed however the loop ends, so an error starts on a line of its own.
             with bar if bar is not None else contextlib.nullcontext():
-                fit(run, state, fault_hook, bar)
+                with peers_alive(rt, state, paths.state_dir):
+                    fit(run, state, fault_hook, bar)
             return finish(run, state) if rt.is_main else {}
     finally:
         if created:

@@ -733,6 +733,12 @@ DATA_CASES = [
         source("src/s.jsonl", '{"text": "a story"}\n{"text": 5}\n'),
         'src/s.jsonl:2: expected an object with a string "text" field',
     ),
+    case(  # json.loads recurses once per level: RecursionError
+        "download-jsonl-line-nested-too-deeply",
+        "download",
+        source("src/s.jsonl", '{"text": "a story"}\n{"text": ' + "[" * 100_000 + "\n"),
+        "src/s.jsonl:2: not a JSON line (maximum recursion depth exceeded",
+    ),
     case(
         "download-source-is-a-fifo",
         "download",
@@ -797,6 +803,13 @@ RESUME_CASES = [
         training_state(OTHER_PRESET, same_fingerprint=True),
         "checkpoints/state: training state does not match the model config",
         "delete it to start fresh",
+    ),
+    case(  # was read as "no state" and silently replaced by a fresh run's
+        "resume-state-json-not-an-object",
+        "train",
+        chain(training_state(None, same_fingerprint=True), write(f"{STATE}/state.json", "[]")),
+        "checkpoints/state/state.json: must be a JSON object {...}, got a list",
+        "delete the directory to start fresh",
     ),
     case(
         "resume-truncated-state",
@@ -1216,6 +1229,24 @@ def test_temperature_below_fp32_range_decodes_greedily_in_cli_and_stage(ws: Path
         done = json.loads((ws / "samples/samples.json").read_text(encoding="utf-8"))["samples"]
         completions.append([s["completion"] for s in done])
     assert completions[1] == completions[0]
+
+
+def test_symlink_in_data_source_leading_out_of_the_repository_is_one_warning(
+    ws: Path, tmp_path: Path
+) -> None:
+    """The project's decision: followed (a DVC cache or a big disk elsewhere is a normal reason
+    for such a link), but never silently: a cloned repository could point it at any file."""
+    outside = tmp_path / "elsewhere" / "train.txt"
+    outside.parent.mkdir()
+    outside.write_text("Tom had a ball.\n<|endoftext|>\nSue had a cat.\n", encoding="utf-8")
+    write("data/source/stories/validation.txt", "Max had a dog.\n")(ws)
+    symlink("data/source/stories/train.txt", str(outside))(ws)
+    write_params(ws, data={"source": "data/source/stories"})
+    proc = run(ws, "download")
+    line = assert_one_warning(proc, f"data/source/stories/train.txt is a symlink to {outside}")
+    assert "outside the repository" in line
+    raw = (ws / "data/raw/train.jsonl").read_text(encoding="utf-8")
+    assert "Tom had a ball." in raw and "Sue had a cat." in raw
 
 
 def test_empty_prompt_starts_a_new_story(ws: Path) -> None:

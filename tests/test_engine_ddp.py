@@ -5,17 +5,21 @@ when only rank 0's disk holds the state."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.project import env, write_params, write_tokens
+from tests.project import REPO, env, write_params, write_tokens
+from tests.test_bad_input import stderr_lines
 
 # The stage's own `main`, with a fault hook that Ctrl-Cs one rank at a given step: the signal is
 # delivered to that process only, at a known step, without a sleep.
@@ -144,3 +148,58 @@ def test_sigint_at_a_known_step_saves_that_step_and_exits_130(tmp_path: Path) ->
         "re-run to resume"
     )
     assert json.loads((root / "checkpoints/state/state.json").read_text())["step"] == 5
+
+
+def _worker_pid(port: str, rank: int, deadline: float) -> int:
+    """The pid of torchrun's worker `rank` (found by its environment: no pid file exists)."""
+    want = {f"RANK={rank}".encode(), f"MASTER_PORT={port}".encode()}
+    while time.time() < deadline:
+        for d in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                environ = set(Path(f"/proc/{d}/environ").read_bytes().split(b"\0"))
+            except OSError:
+                continue
+            if want <= environ:
+                return int(d)
+        time.sleep(0.1)
+    raise AssertionError(f"no worker with RANK={rank} on port {port}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker in /proc")
+def test_torchrun_rank_killed_leaves_one_line_on_the_survivor(tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node=2 -m stages.train`, rank 1 killed with -9 mid-run: rank 0's
+    next collective fails (gloo: "Connection closed by peer"). It used to print a 30-line
+    traceback; it prints one line naming the dead rank and the step, and exits 1."""
+    root = workspace(tmp_path / "ws", max_steps=100_000, eval_interval=100_000)
+    (root / "driver.py").unlink()
+    port, logs = str(_port()), tmp_path / "logs"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node=2", "--master_port", port, "--log-dir", str(logs),
+           "--redirects", "3", "-m", "stages.train"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=root, env=env() | {"PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        state = root / "checkpoints/state/state.json"
+        deadline = time.time() + 180
+        while not state.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)  # the first state is saved at step 4: both ranks are in the loop
+        os.kill(_worker_pid(port, 1, deadline), signal.SIGKILL)
+        killed = time.time()
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert time.time() - killed < 60
+    (rank0_log,) = logs.glob("*/attempt_0/0/stderr.log")
+    err = rank0_log.read_text(encoding="utf-8")
+    assert "Traceback" not in err, err
+    lines = stderr_lines(err)
+    assert len(lines) == 1, err
+    assert re.fullmatch(
+        r"train: error: rank 1 of 2 is gone \(it died or was killed\) during step \d+; rank 0 "
+        r"stopped too: re-run to resume from the last training state saved in checkpoints/state",
+        lines[0],
+    ), lines[0]

@@ -75,7 +75,7 @@ def read_split(raw_dir: str | os.PathLike[str], split: str) -> Iterator[str]:
                 continue
             try:
                 yield json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (ValueError, KeyError, TypeError, RecursionError) as e:
                 raise Gemma3Error(
                     f'{path}:{lineno}: not a {{"text": ...}} JSON line ({e})'
                 ) from None

@@ -80,7 +80,7 @@ def _read_jsonl(path: str) -> Iterator[dict[str, str | None]]:
                 continue
             try:
                 obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, too deep
                 raise Gemma3Error(f"{path}:{lineno}: not a JSON line ({e})") from None
             text = obj.get("text", ...) if isinstance(obj, dict) else ...
             if text is not None and not isinstance(text, str):

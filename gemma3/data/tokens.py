@@ -42,7 +42,7 @@ def _first_bad_raw_line(path: Path) -> Gemma3Error:
             try:
                 obj = json.loads(line)
                 ok = isinstance(obj, dict) and isinstance(obj.get("text"), str)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, too deep
                 return Gemma3Error(f'{path}:{lineno}: not a {{"text": ...}} JSON line ({e})')
             if not ok:
                 return Gemma3Error(f'{path}:{lineno}: not a {{"text": ...}} JSON line')
