@@ -716,8 +716,8 @@ def finish(run: Run, state: TrainState) -> dict[str, Any]:
     atomic_write_json(run.paths.metrics, metrics)
     _write_plots(run.paths.plots, state.history)
     if run.tracker is not None:
-        run.tracker.log_metrics({"best_val_loss": state.best_val_loss}, step=t.max_steps)
-        run.tracker.log_artifact(run.paths.best_dir, "checkpoint")
+        run.tracker.retry()  # a tracking failure mid-run: the end is tried once more
+        run.tracker.log_best(run.paths.best_dir, state.best_val_loss, state.best_step)
         run.tracker.finish()
     return metrics
 
