@@ -186,11 +186,10 @@ def register(
     step: int,
     md5: str | None,
 ) -> tuple[str, str]:
-    """Register `model_uri` as a new version of `name`, then update both aliases.
+    """Register `model_uri` as a new version of `name`, then update both aliases, all under the
+    lock (two versions created at once could otherwise get each other's tags).
 
     Returns (version, the one line that says what happened to `champion`)."""
-    import mlflow
-
     tags = {LOSS_TAG: repr(float(val_loss)), STEP_TAG: str(step), DATA_TAG: md5 or "unknown"}
     run = client.get_run(run_id)
     for key, tag in (
@@ -199,14 +198,42 @@ def register(
     ):
         if run.data.tags.get(tag):
             tags[key] = run.data.tags[tag]
-    mlflow.set_registry_uri(client.tracking_uri)
-    with _quiet_stderr():  # "Successfully registered model ..." is printed, not logged
-        mv = mlflow.register_model(model_uri, name, await_registration_for=30, tags=tags)
-    version = str(mv.version)
     with registry_lock(client.tracking_uri, name):
+        version = _new_version(client, name, model_uri, run_id, tags)
         client.set_registered_model_alias(name, LATEST, version)
         line = promote(client, name, version, float(val_loss), md5)
     return version, line
+
+
+def _new_version(client: Any, name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> str:
+    """A new version of `name` from the LoggedModel `models:/<model_id>`, linked both ways (the
+    version records the model id; the model's `mlflow.modelVersions` tag lists the version), as
+    `mlflow.register_model` does, but through this client (the fluent API's registry URI is
+    global state that concurrent trainers in one process would share)."""
+    import json
+
+    from mlflow.exceptions import MlflowException
+
+    model_id = model_uri.removeprefix("models:/")
+    try:
+        client.create_registered_model(
+            name,
+            description="Gemma 3 architecture trained from scratch on TinyStories "
+            "(gemma3-tinystories); aliases: champion (best val loss on its data), latest-run.",
+        )
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    mv = client.create_model_version(
+        name, source=model_uri, run_id=run_id, tags=tags, await_creation_for=30, model_id=model_id
+    )
+    entry = {"name": name, "version": int(mv.version)}
+    listed = json.loads(client.get_logged_model(model_id).tags.get("mlflow.modelVersions", "[]"))
+    if entry not in listed:  # a tracking server adds it itself; a local store does not
+        client.set_logged_model_tags(
+            model_id, {"mlflow.modelVersions": json.dumps([*listed, entry])}
+        )
+    return str(mv.version)
 
 
 def registry_lock(uri: str, name: str) -> Any:
