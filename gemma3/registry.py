@@ -92,6 +92,11 @@ def _log_model(checkpoint: Path, step: int) -> Any:
     import mlflow
     from mlflow.models import infer_signature
 
+    from gemma3.hf import WEIGHTS, check_weights_header, load_config
+
+    # MLflow only warns when its input example fails to load the model: a checkpoint with missing
+    # or damaged weights must not become a registered version (a Gemma3Error stops it here).
+    check_weights_header(load_config(checkpoint), checkpoint / WEIGHTS)
     with _quiet_stderr():
         from gemma3.served import DEFAULT_PARAMS, INPUT_EXAMPLE, Gemma3Model
 

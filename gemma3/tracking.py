@@ -51,7 +51,9 @@ END_RETRY_S = 3.0  # wait before the one retry that ends a run (a locked store, 
 
 
 def project_root() -> Path:
-    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+    """DVC_ROOT (or the working directory); for a queued or --temp experiment, which DVC runs in
+    a copy under .dvc/tmp/exps/ and deletes afterwards, the repository the copy belongs to."""
+    return main_repo(Path(os.environ.get("DVC_ROOT") or os.getcwd()))
 
 
 def tracking_uri(root: Path | None = None) -> str:

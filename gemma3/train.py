@@ -733,6 +733,18 @@ def start_tracker(run: Run, state: TrainState, factory: TrackerFactory | None) -
     state.mlflow_run_id = getattr(run.tracker, "run_id", None)
 
 
+@contextlib.contextmanager
+def tracker_ends_with(run: Run) -> Iterator[None]:
+    """The MLflow run ends as training did: FAILED on an error, KILLED when stopped (Ctrl-C,
+    SIGTERM: the state is saved to resume); `finish` ends it FINISHED."""
+    try:
+        yield
+    except BaseException as e:
+        if run.tracker is not None:
+            run.tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+
+
 def train(
     p: Params,
     paths: TrainPaths,
@@ -755,16 +767,19 @@ def train(
             run = setup(p, paths, rt)
             state = resume(run)
             start_tracker(run, state, tracker_factory)
-            wrap_model(run)
-            bar = None
-            if progress and rt.is_main:
-                from tqdm import tqdm
+            with tracker_ends_with(run):
+                wrap_model(run)
+                bar = None
+                if progress and rt.is_main:
+                    from tqdm import tqdm
 
-                bar = tqdm(total=p.train.max_steps, initial=state.step, desc="train", unit="step")
-            # The bar is closed however the loop ends, so an error starts on a line of its own.
-            with bar if bar is not None else contextlib.nullcontext():
-                fit(run, state, fault_hook, bar)
-            return finish(run, state) if rt.is_main else {}
+                    bar = tqdm(
+                        total=p.train.max_steps, initial=state.step, desc="train", unit="step"
+                    )
+                # The bar is closed however the loop ends, so an error starts on a line of its own.
+                with bar if bar is not None else contextlib.nullcontext():
+                    fit(run, state, fault_hook, bar)
+                return finish(run, state) if rt.is_main else {}
     finally:
         if created:
             dist.destroy_process_group()

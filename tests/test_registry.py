@@ -226,3 +226,39 @@ def test_two_trainers_finishing_at_once_leave_the_better_one_champion(
     assert sorted(v for v, _ in results.values()) == ["1", "2"]
     assert client.get_model_version_by_alias(NAME, "champion").run_id == models[0][0], results
     assert client.get_model_version_by_alias(NAME, "latest-run").version in (1, 2)
+
+
+@pytest.mark.slow
+def test_a_queued_grid_records_the_md5_of_the_tokens_each_run_trained_on(repo_copy: Path) -> None:
+    """`dvc exp run --queue` runs in temporary copies under .dvc/tmp/exps/ that are deleted
+    afterwards: both runs still record the DVC md5 of their tokens and a source that exists."""
+    import mlflow
+
+    from tests.dvcrepo import sh
+
+    repo = repo_copy
+    sh(["dvc", "exp", "run", "--queue", "-S", "train.lr=1e-3,3e-3"], repo)
+    sh(["dvc", "exp", "run", "--run-all", "-j", "2"], repo)
+    lock = yaml.safe_load((repo / "dvc.lock").read_text(encoding="utf-8"))
+    (md5,) = [o["md5"] for o in lock["stages"]["tokenize"]["outs"] if o["path"] == "data/tokens"]
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("e2e")
+    runs = [
+        r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("stage") == "train"
+    ]
+    queued = [r for r in runs if r.data.params.get("train.lr") in ("0.001", "0.003")]
+    assert sorted(r.data.params["train.lr"] for r in queued) == ["0.001", "0.003"]
+    for run in queued:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["data.dvc_md5"] == md5
+        (ds,) = run.inputs.dataset_inputs
+        assert json.loads(ds.dataset.profile)["dvc_md5"] == md5
+        uri = json.loads(ds.dataset.source)["uri"]
+        assert ".dvc/tmp" not in uri and uri.endswith(f"?dvc_md5={md5}")
+        assert Path(uri.removeprefix("file://").split("?")[0]).is_dir()  # exists after the run
+        mv = [v for v in client.search_model_versions(f"run_id = '{run.info.run_id}'")]
+        assert [v.tags["data.dvc_md5"] for v in mv] == [md5]
+    # Three versions on the same tokens (the baseline and the grid): champion is the best.
+    versions = client.search_model_versions(f"name = '{NAME}'")
+    best = min(versions, key=lambda v: float(v.tags["val_loss"]))
+    assert client.get_model_version_by_alias(NAME, "champion").version == best.version
