@@ -141,6 +141,7 @@ def generate(
     dtype: torch.dtype | None = None,
     compile: bool = False,
     on_step: Callable[[list[int | None]], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[list[int]]:
     """Generate up to `max_new_tokens` for each prompt; returns the new tokens per prompt.
 
@@ -152,6 +153,8 @@ def generate(
     `dtype` runs the weights in that dtype (bf16 halves the bytes read per token, the limit of
     batch-1 decoding on a CPU); `compile` runs the one-token steps through torch.compile (on a
     CPU it compiles for a minute or more and measured no faster: see benchmarks/RESULTS.md).
+    `should_stop()` is asked before every new token; True ends generation there (what was
+    generated so far is returned), so a server's deadline or shutdown bounds a request.
     """
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     if not prompts:
@@ -172,6 +175,7 @@ def generate(
                 use_cache=use_cache,
                 compile=compile,
                 on_step=on_step,
+                should_stop=should_stop,
             )
     finally:
         model.train(was_training)
@@ -188,6 +192,7 @@ def _generate(
     use_cache: bool,
     compile: bool,
     on_step: Callable[[list[int | None]], None] | None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[list[int]]:
     cfg = model.config
     device = model.lm_head.weight.device
@@ -209,6 +214,8 @@ def _generate(
 
     logits, _ = model(idx, valid=valid, cache=cache, last_only=True)
     for step in range(steps):
+        if should_stop is not None and should_stop():
+            break
         nxt = sample_next(logits[:, -1].float(), **sampling, generator=generators)  # (B,)
         step_tokens: list[int | None] = []
         for i, t in enumerate(nxt.tolist()):

@@ -122,6 +122,7 @@ class TrackingParams:
     enabled: bool = True
     experiment: str = "gemma3-tinystories"
     registered_model: str = "gemma3-tinystories"  # MLflow Model Registry name; "" = do not register
+    system_metrics: bool = True  # CPU, memory (and GPU with nvidia-ml-py) use, logged by MLflow
 
 
 @dataclass(frozen=True)

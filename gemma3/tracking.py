@@ -10,14 +10,18 @@ Tracking must never stop training: the first failing call prints one warning lin
 tracker into a no-op; the curves are still in the DVC metrics and plots files. Every HTTP call has a
 short timeout and no retries, so a hung server costs seconds.
 
-At the end of training the best checkpoint is logged as an MLflow Model (`transformers` flavour, a
-text-generation pipeline) and registered as `tracking.registered_model`; a failure there is one
-warning and training still succeeds.
+A run ends in the state training ended in: FINISHED (FAILED, KILLED) is set at the end even after
+a failure turned tracking off mid-run, retried once. At the end of training the best checkpoint is
+logged as an MLflow 3 LoggedModel, registered as `tracking.registered_model` with the aliases
+`champion` and `latest-run` (gemma3.registry; the served model is gemma3.served); a failure there
+is one warning and training still succeeds. gemma3.tracking, gemma3.registry and gemma3.served
+are the only modules that import mlflow.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import socket
@@ -39,10 +43,17 @@ MAX_PARAM_LEN = 6000
 TRAIN_LOSS = "loss/train"
 # Tags that say which process owns a RUNNING run, so a later run can tell a dead trainer's run.
 HOST_TAG, PID_TAG = "gemma3.host", "gemma3.pid"
+# The experiment tag MLflow 3's UI reads to open an experiment in its model-training view (not the
+# GenAI one it guesses for an experiment without runs of its kind yet).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+LATEST_ALIAS = "latest-run"  # gemma3.registry.LATEST, without importing mlflow here
+END_RETRY_S = 3.0  # wait before the one retry that ends a run (a locked store, a restarting server)
 
 
 def project_root() -> Path:
-    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+    """DVC_ROOT (or the working directory); for a queued or --temp experiment, which DVC runs in
+    a copy under .dvc/tmp/exps/ and deletes afterwards, the repository the copy belongs to."""
+    return main_repo(Path(os.environ.get("DVC_ROOT") or os.getcwd()))
 
 
 def tracking_uri(root: Path | None = None) -> str:
@@ -114,6 +125,15 @@ class Tracker:
         self.registered_model = registered_model
         self.first_step = first_step
         self.model_version: str | None = None
+        self.model_uri: str | None = None
+        self.alias_line: str | None = None
+        self.dataset: dict[str, Any] | None = None
+        self.experiment_id: str | None = None
+        self.status = "RUNNING"
+        self.monitor: Any = None
+        # The client that ends the run even after a tracking failure turned `_client` off.
+        self._ender = client
+        self._retried = False
         self._finished = client is None or not owns_run
         if not self._finished:
             atexit.register(self.finish, "KILLED")  # a crash must not leave the run RUNNING
@@ -161,81 +181,73 @@ class Tracker:
             self._call("set_tags", lambda: self._client.log_batch(self.run_id, tags=batch))
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
-        """Log a file or a whole directory (under `artifact_path`/<dir name>).
-
-        The training checkpoint (`artifact_path="checkpoint"`) is also logged as an MLflow Model
-        and registered, so it can be loaded with `mlflow.pyfunc` and served.
-        """
+        """Log a file or a whole directory (under `artifact_path`/<dir name>)."""
         path = Path(path)
         if path.is_dir():
             dest = f"{artifact_path}/{path.name}" if artifact_path else path.name
             self._call(
                 "log_artifacts", lambda: self._client.log_artifacts(self.run_id, str(path), dest)
             )
-            if artifact_path == "checkpoint" and self._client is not None:
-                self.log_model(path)
         else:
             self._call(
                 "log_artifact",
                 lambda: self._client.log_artifact(self.run_id, str(path), artifact_path),
             )
 
-    def log_model(self, checkpoint: str | os.PathLike[str]) -> str | None:
-        """Log `checkpoint` as a transformers text-generation MLflow Model and register it.
-
-        Returns the model URI, or None (after one warning line) when it could not be logged.
-        """
+    def log_best(self, checkpoint: str | os.PathLike[str], val_loss: float, step: int) -> None:
+        """The best checkpoint as the run's MLflow Model (the one copy of its weights in MLflow),
+        its val loss linked to the model and the dataset, registered with the aliases updated
+        (gemma3.registry). A failure there is one warning; `best_val_loss` is logged anyway."""
         if self._client is None:
-            return None
+            return
+        from gemma3.registry import RegistrationError, log_checkpoint
+
         try:
-            uri = _log_transformers_model(self.uri, self.run_id, Path(checkpoint))
+            logged = log_checkpoint(
+                self._client,
+                self.run_id,
+                Path(checkpoint),
+                step=step,
+                val_loss=val_loss,
+                dataset=self.dataset,
+                registered_model=self.registered_model,
+            )
+        except RegistrationError as e:
+            self.model_uri = e.logged.model_uri
+            _warn(
+                f"could not register the model as {self.registered_model!r} at {self.uri} "
+                f"({type(e.cause).__name__}: {str(e.cause)[:200]}); it is logged in run "
+                f"{self.run_id} as {e.logged.model_uri}"
+            )
+            return
         except Exception as e:  # noqa: BLE001 - the checkpoint is safe in DVC; warn only
             _warn(
                 f"could not log the checkpoint as an MLflow Model ({type(e).__name__}: "
-                f"{str(e)[:200]}); the checkpoint files are still logged under checkpoint/"
+                f"{str(e)[:200]}); it is safe in {checkpoint} (DVC)"
             )
-            return None
-        if self.registered_model:
-            self.model_version = self._register(uri, Path(checkpoint))
-        return uri
+            self.log_metrics({"best_val_loss": val_loss}, step=step)
+            return
+        self.model_uri, self.model_version, self.alias_line = (
+            logged.model_uri,
+            logged.version,
+            logged.alias_line,
+        )
+        if logged.version:
+            self.set_tags({"registered_model": f"{self.registered_model}/{logged.version}"})
 
-    def _register(self, model_uri: str, checkpoint: Path) -> str | None:
-        meta = _read_json(checkpoint / "gemma3.json")
-        try:
-            from mlflow.exceptions import MlflowException
-
-            run = self._client.get_run(self.run_id)
-            tags = {
-                "val_loss": meta.get("val_loss"),
-                "step": meta.get("step"),
-                "dvc.experiment": run.data.tags.get("dvc.exp_name") or "workspace (dvc repro)",
-                "git.commit": run.data.tags.get("mlflow.source.git.commit"),
-            }
-
-            try:
-                self._client.create_registered_model(
-                    self.registered_model,
-                    description="Gemma 3 architecture trained from scratch on TinyStories "
-                    "(gemma3-tinystories): a text-generation pipeline with the GPT-2 tokenizer.",
-                )
-            except MlflowException as e:
-                if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-            mv = self._client.create_model_version(
-                self.registered_model,
-                source=model_uri,
-                run_id=self.run_id,
-                tags={k: str(v) for k, v in tags.items() if v is not None},
-                await_creation_for=30,
+    def summary(self) -> list[str]:
+        """The lines the train stage ends with: the run (id, UI address) and the model."""
+        if self.run_id is None or self._ender is None:
+            return []
+        lines = [f"mlflow: run {self.run_id} ({self.status}) {ui_address(self)}"]
+        if self.model_version:
+            lines.append(
+                f"mlflow: registered models:/{self.registered_model}/{self.model_version} "
+                f"(alias {LATEST_ALIAS}); {self.alias_line}"
             )
-        except Exception as e:  # noqa: BLE001 - e.g. a server without a model registry
-            _warn(
-                f"could not register the model as {self.registered_model!r} at {self.uri} "
-                f"({type(e).__name__}: {str(e)[:200]}); it is logged in run {self.run_id}"
-            )
-            return None
-        self.set_tags({"registered_model": f"{self.registered_model}/{mv.version}"})
-        return str(mv.version)
+        elif self.model_uri:
+            lines.append(f"mlflow: model {self.model_uri} (not registered)")
+        return lines
 
     def log_dataset(self, data_dir: str | os.PathLike[str], root: Path | None = None) -> None:
         """Record the training tokens as the run's dataset input (source, DVC md5, counts)."""
@@ -244,6 +256,7 @@ class Tracker:
         info = dataset_info(Path(data_dir), root or project_root())
         if info is None:
             return
+        self.dataset = info
 
         def log() -> None:
             from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -263,12 +276,33 @@ class Tracker:
 
         self._call("log_inputs", log)
 
+    def retry(self) -> None:
+        """Once, at the end of training: a tracker turned off by a failure mid-run tries again
+        (the final metrics, the model, the end of the run), since the store may be back."""
+        if self._client is None and self._ender is not None and not self._retried:
+            self._retried = True
+            self._client = self._ender
+
     def finish(self, status: str = "FINISHED") -> None:
-        if not self._finished:
-            self._finished = True
-            self._call(
-                "set_terminated", lambda: self._client.set_terminated(self.run_id, status=status)
-            )
+        """End the run as `status`, even after a tracking failure: tried, then retried once
+        after END_RETRY_S, so the run never stays RUNNING because of a passing failure."""
+        if self._finished:
+            return
+        self._finished = True
+        if self.monitor is not None:
+            with contextlib.suppress(Exception):
+                self.monitor.finish()
+        for attempt in (1, 2):
+            try:
+                self._ender.set_terminated(self.run_id, status=status)
+            except Exception as e:  # noqa: BLE001 - the run's end must not stop the stage
+                if attempt == 2:
+                    _warn(f"could not end MLflow run {self.run_id} as {status} ({_reason(e)})")
+                    return
+                time.sleep(END_RETRY_S)
+            else:
+                self.status = status
+                return
 
     def __enter__(self) -> Tracker:
         return self
@@ -285,24 +319,52 @@ def _read_json(path: Path) -> dict[str, Any]:
     return d if isinstance(d, dict) else {}
 
 
-def _dvc_md5(root: Path, data_dir: Path) -> str | None:
-    """The md5 DVC recorded in dvc.lock for `data_dir` (an output of an earlier stage)."""
+def _enclosing_repo(path: Path) -> Path | None:
+    """The nearest directory above `path` with a dvc.lock: the working copy DVC ran the stage in
+    (the repository itself, or a `dvc exp run --queue/--temp` copy under .dvc/tmp/exps/)."""
+    for d in path.resolve().parents:
+        if (d / "dvc.lock").is_file():
+            return d
+    return None
+
+
+def main_repo(path: Path) -> Path:
+    """The repository a queued or --temp experiment's copy belongs to (the copy is deleted after
+    the run; the repository stays), else the working copy itself."""
+    parts = path.resolve().parts
+    for i in range(len(parts) - 3):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return path.resolve()
+
+
+def _dvc_md5(data_dir: Path) -> str | None:
+    """The md5 DVC recorded for `data_dir` in the lock file of the working copy that holds it,
+    if the recorded size and file count still match the directory (a stale lock gives None)."""
     import yaml
 
+    repo = _enclosing_repo(data_dir)
+    if repo is None:
+        return None
     try:
-        rel = data_dir.resolve().relative_to(root).as_posix()
-        lock = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8"))
+        rel = data_dir.resolve().relative_to(repo).as_posix()
+        lock = yaml.safe_load((repo / "dvc.lock").read_text(encoding="utf-8"))
+        files = [f for f in data_dir.rglob("*") if f.is_file()]
+        size, nfiles = sum(f.stat().st_size for f in files), len(files)
     except (OSError, ValueError, RecursionError, yaml.YAMLError):
         return None
-    for stage in (lock or {}).get("stages", {}).values():
-        for out in stage.get("outs", []):
-            if out.get("path") == rel:
+    for stage in (lock or {}).get("stages", {}).values() if isinstance(lock, dict) else ():
+        for out in stage.get("outs", []) if isinstance(stage, dict) else ():
+            if out.get("path") == rel and (out.get("size"), out.get("nfiles")) == (size, nfiles):
                 return out.get("md5")
     return None
 
 
-def dataset_info(data_dir: Path, root: Path) -> dict[str, Any] | None:
-    """What identifies the training data: source, DVC md5 of the tokens, token counts."""
+def dataset_info(data_dir: Path, root: Path | None = None) -> dict[str, Any] | None:
+    """What identifies the training data: source, DVC md5 of the tokens, token counts.
+
+    The source URI names the tokens in the main repository (never a queued experiment's
+    temporary copy, which is gone after the run) with their md5, which DVC's cache keeps."""
     meta = _read_json(data_dir / "meta.json")
     if not meta:
         return None
@@ -310,7 +372,7 @@ def dataset_info(data_dir: Path, root: Path) -> dict[str, Any] | None:
     label = source.get("source", "unknown") if isinstance(source, dict) else str(source)
     if isinstance(source, dict) and source.get("revision"):
         label = f"{label}@{source['revision']}"
-    md5 = _dvc_md5(root, data_dir)
+    md5 = _dvc_md5(data_dir)
     profile = {
         "source": label,
         "dvc_md5": md5,
@@ -320,66 +382,26 @@ def dataset_info(data_dir: Path, root: Path) -> dict[str, Any] | None:
         "eot": meta.get("eot"),
     }
     name = f"tokens:{label}"[:500]
+    copy = _enclosing_repo(data_dir) or data_dir.resolve().parent
+    try:
+        rel = data_dir.resolve().relative_to(copy)
+    except ValueError:
+        rel = Path(data_dir.name)
+    uri = (main_repo(copy) / rel).as_uri() + (f"?dvc_md5={md5}" if md5 else "")
     return {
         "name": name,
-        "uri": data_dir.resolve().as_uri(),
+        "uri": uri,
         "digest": (md5 or json.dumps(profile, sort_keys=True))[:36],
         "profile": profile,
     }
 
 
-def _pip_requirements() -> list[str]:
-    """What the logged pipeline needs to load: pinned to this environment, no torchvision."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    reqs = []
-    for dist in ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "accelerate"):
-        try:
-            v = version(dist)
-        except PackageNotFoundError:
-            continue
-        reqs.append(f"{dist}=={v.split('+')[0]}")
-    return reqs
-
-
-def _log_transformers_model(uri: str, run_id: str | None, checkpoint: Path) -> str:
-    # A relative checkpoint path looks like a Hub repo id to MLflow's model-card lookup, which then
-    # retries the network for ~45 s; an absolute path and offline mode keep it local.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import mlflow
-    from huggingface_hub import ModelCard
-    from mlflow.models import infer_signature
-    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
-
-    checkpoint = checkpoint.resolve()
-    model = AutoModelForCausalLM.from_pretrained(checkpoint)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
-    card = ModelCard(
-        "---\nlicense: apache-2.0\nlibrary_name: transformers\npipeline_tag: text-generation\n---\n"
-        "# gemma3-tinystories\n\nGemma 3 architecture trained from scratch on TinyStories with "
-        "the GPT-2 tokenizer.\n"
-    )
-    # Defaults for every predict(): greedy, like `gemma3 generate --temperature 0`; a request
-    # overrides them with `params` (the sampling ones act only with do_sample=True).
-    gen = {"max_new_tokens": 200, "do_sample": False}
-    sampling = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}  # transformers' own defaults
-    signature = infer_signature(
-        ["Once upon a time"], ["Once upon a time ..."], params={**gen, **sampling}
-    )
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):  # resumes the run; its end re-marks it terminated
-        info = mlflow.transformers.log_model(
-            pipe,
-            name="model",
-            task="text-generation",
-            model_card=card,
-            signature=signature,
-            model_config=gen,
-            pip_requirements=_pip_requirements(),
-            metadata={"checkpoint": str(checkpoint)},
-        )
-    return info.model_uri
+def ui_address(tracker: Tracker) -> str:
+    """Where the run opens in the MLflow UI (a local store: after `mlflow ui`)."""
+    view = f"#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}"
+    if tracker.uri.startswith(("http://", "https://")):
+        return f"{tracker.uri.rstrip('/')}/{view}"
+    return f"http://127.0.0.1:5000/{view} (after: mlflow ui --backend-store-uri {tracker.uri})"
 
 
 def _experiment_id(client: Any, name: str, artifact_root: Path | None) -> str:
@@ -389,10 +411,14 @@ def _experiment_id(client: Any, name: str, artifact_root: Path | None) -> str:
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        if EXPERIMENT_KIND[0] not in exp.tags:  # made by an older version: model training too
+            client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
         return exp.experiment_id
     location = (artifact_root / name).as_uri() if artifact_root is not None else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(
+            name, artifact_location=location, tags=dict([EXPERIMENT_KIND])
+        )
     except MlflowException:  # created meanwhile by a parallel stage
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -444,6 +470,7 @@ def start_run(
     root: str | os.PathLike[str] | None = None,
     registered_model: str | None = None,
     data_dir: str | os.PathLike[str] | None = None,
+    system_metrics: bool = False,
 ) -> Tracker:
     """Continue run `run_id` if it exists in the store, else start a new run.
 
@@ -451,7 +478,7 @@ def start_run(
     git commit (`repro@<sha>`), and tagged with the git commit and DVC baseline, so MLflow and
     `dvc exp show` point at each other. A training run (tag `stage: train`) also records its
     process (to tell a killed trainer's run later), marks dead trainers' runs KILLED, and records
-    `data_dir` as its dataset input.
+    `data_dir` as its dataset input, and (`system_metrics`) CPU, memory and GPU use.
     """
     if not enabled:
         return Tracker()
@@ -464,6 +491,9 @@ def start_run(
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
+        from gemma3.registry import quiet_mlflow
+
+        quiet_mlflow()
         client = MlflowClient(tracking_uri=uri)
         run = _existing_run(client, run_id, MlflowException) if run_id else None
         if run is not None:
@@ -483,6 +513,9 @@ def start_run(
                 first_step=first_step,
             )
             tracker.set_tags({**dict(tags or {}), **owner})
+            tracker.experiment_id = run.info.experiment_id
+            if training and system_metrics:
+                tracker.monitor = _system_metrics(run.info.run_id, uri, resume=True)
             return tracker
         local = not os.environ.get("MLFLOW_TRACKING_URI")
         exp_id = _experiment_id(client, experiment, root / "mlartifacts" if local else None)
@@ -497,9 +530,29 @@ def start_run(
         )
         return Tracker(uri=uri)
     tracker = Tracker(client, run.info.run_id, uri, registered_model=registered_model)
+    tracker.experiment_id = exp_id
     if data_dir is not None:
         tracker.log_dataset(data_dir, root)
+    if training and system_metrics:
+        tracker.monitor = _system_metrics(run.info.run_id, uri, resume=False)
     return tracker
+
+
+def _system_metrics(run_id: str, uri: str, resume: bool) -> Any:
+    """MLflow's system metrics monitor (CPU, memory, disk, network; GPU with nvidia-ml-py) in a
+    background thread; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL sets its period (10 s)."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        interval = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or 10)
+        monitor = SystemMetricsMonitor(
+            run_id, sampling_interval=interval, resume_logging=resume, tracking_uri=uri
+        )
+        monitor.start()
+    except Exception as e:  # noqa: BLE001 - e.g. psutil missing: train without them
+        _warn(f"system metrics are off ({type(e).__name__}: {str(e)[:200]})")
+        return None
+    return monitor
 
 
 def _existing_run(client: Any, run_id: str, not_found: type[Exception]) -> Any:
@@ -513,6 +566,16 @@ def _existing_run(client: Any, run_id: str, not_found: type[Exception]) -> Any:
     return None if run.info.lifecycle_stage == "deleted" else run
 
 
+def _user() -> str | None:
+    """Who trains (MLflow's "Created by"): the login name, as MLflow's fluent API records it."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError, ImportError):
+        return None
+
+
 def _new_run_identity(
     root: Path, run_name: str | None, tags: dict[str, Any]
 ) -> tuple[str | None, dict[str, str]]:
@@ -524,6 +587,7 @@ def _new_run_identity(
         "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV") or commit,
         "mlflow.source.git.commit": commit,
         "mlflow.source.name": "dvc exp run" if exp_name else "dvc repro",
+        "mlflow.user": _user(),
         **tags,
     }
     default_name = f"repro@{commit[:7]}" if commit else None
@@ -587,12 +651,30 @@ def leaderboard(experiment: str | None = None, limit: int = 50) -> str:
         table[c] = table[c].map(lambda x: "-" if pd.isna(x) else f"{x:.4f}")
     table["tokens/s"] = table["tokens/s"].map(lambda x: "-" if pd.isna(x) else f"{x:,.0f}")
     header = f"experiment {experiment!r} at {uri}: {len(table)} runs, best eval loss first"
+    header += _champion_line(client)
     view = f"#/experiments/{df['experiment_id'].iloc[0]}?workflowType=machine_learning"
     if uri.startswith(("http://", "https://")):
         ui = f"in the MLflow UI: {uri.rstrip('/')}/{view}"
     else:
         ui = f"in the MLflow UI: mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000/{view}"
     return header + "\n" + table.fillna("-").to_string(index=False) + "\n" + ui
+
+
+def _champion_line(client: Any) -> str:
+    """`\nchampion: models:/NAME@champion = version N (run R, val loss L)`, or "" if none."""
+    params = _read_yaml(project_root() / "params.yaml")
+    name = (params.get("tracking") or {}).get("registered_model", "gemma3-tinystories")
+    if not name:
+        return ""
+    try:
+        mv = client.get_model_version_by_alias(name, "champion")
+        run = client.get_run(mv.run_id).data.tags.get("mlflow.runName", mv.run_id)
+    except Exception:  # noqa: BLE001 - no registry, no model, no alias: nothing to show
+        return ""
+    loss = mv.tags.get("val_loss", "?")
+    return (
+        f"\nchampion: models:/{name}@champion = version {mv.version} (run {run}, val loss {loss})"
+    )
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -813,8 +813,8 @@ def finish(run: Run, state: TrainState) -> dict[str, Any]:
         save_best(run, state, validate(run), t.max_steps)
     metrics = write_metrics(run, state)
     if run.tracker is not None:
-        run.tracker.log_metrics({"best_val_loss": state.best_val_loss}, step=t.max_steps)
-        run.tracker.log_artifact(run.paths.best_dir, "checkpoint")
+        run.tracker.retry()  # a tracking failure mid-run: the end is tried once more
+        run.tracker.log_best(run.paths.best_dir, state.best_val_loss, state.best_step)
         run.tracker.finish()
     return {**metrics, "mlflow_run_id": state.mlflow_run_id}
 
@@ -857,6 +857,18 @@ def peers_alive(rt: Runtime, state: TrainState, state_dir: Path) -> Iterator[Non
         ) from None
 
 
+@contextlib.contextmanager
+def tracker_ends_with(run: Run) -> Iterator[None]:
+    """The MLflow run ends as training did: FAILED on an error, KILLED when stopped (Ctrl-C,
+    SIGTERM: the state is saved to resume); `finish` ends it FINISHED."""
+    try:
+        yield
+    except BaseException as e:
+        if run.tracker is not None:
+            run.tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+
+
 def train(
     p: Params,
     paths: TrainPaths,
@@ -879,17 +891,20 @@ def train(
             run = setup(p, paths, rt)
             state = resume(run)
             start_tracker(run, state, tracker_factory)
-            wrap_model(run)
-            bar = None
-            if progress and rt.is_main:
-                from tqdm import tqdm
+            with tracker_ends_with(run):
+                wrap_model(run)
+                bar = None
+                if progress and rt.is_main:
+                    from tqdm import tqdm
 
-                bar = tqdm(total=p.train.max_steps, initial=state.step, desc="train", unit="step")
-            # The bar is closed however the loop ends, so an error starts on a line of its own.
-            with bar if bar is not None else contextlib.nullcontext():
-                with peers_alive(rt, state, paths.state_dir):
-                    fit(run, state, fault_hook, bar)
-            return finish(run, state) if rt.is_main else {}
+                    bar = tqdm(
+                        total=p.train.max_steps, initial=state.step, desc="train", unit="step"
+                    )
+                # The bar is closed however the loop ends, so an error starts on a line of its own.
+                with bar if bar is not None else contextlib.nullcontext():
+                    with peers_alive(rt, state, paths.state_dir):
+                        fit(run, state, fault_hook, bar)
+                return finish(run, state) if rt.is_main else {}
     finally:
         if created:
             dist.destroy_process_group()

@@ -26,17 +26,23 @@ def main() -> None:
     for directory in (PATHS.best_dir, PATHS.state_dir):
         recover_dir(directory)  # a save killed between its two renames left it as .<name>.old
 
+    made = []
+
     def tracker(run_id, runtime, cfg):
         from gemma3.tracking import start_run
 
-        return start_run(
-            enabled=p.tracking.enabled,
-            experiment=p.tracking.experiment,
-            run_id=run_id,
-            tags={"preset": cfg.name, "device": str(runtime.device), "stage": "train"},
-            registered_model=p.tracking.registered_model or None,
-            data_dir=PATHS.data_dir,
+        made.append(
+            start_run(
+                enabled=p.tracking.enabled,
+                experiment=p.tracking.experiment,
+                run_id=run_id,
+                tags={"preset": cfg.name, "device": str(runtime.device), "stage": "train"},
+                registered_model=p.tracking.registered_model or None,
+                data_dir=PATHS.data_dir,
+                system_metrics=p.tracking.system_metrics,
+            )
         )
+        return made[-1]
 
     metrics = train(p, PATHS, tracker_factory=tracker if p.tracking.enabled else None)
     if metrics:
@@ -44,6 +50,8 @@ def main() -> None:
             f"train: best val loss {metrics['best_val_loss']} at step {metrics['best_step']} "
             f"({metrics['device']}, {metrics['precision']})"
         )
+        for line in made[-1].summary() if made else []:
+            print(line)  # the MLflow run (id, UI address) and the registered version's aliases
 
 
 if __name__ == "__main__":

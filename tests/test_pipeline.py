@@ -179,9 +179,7 @@ def test_queued_experiments_plots_and_leaderboard(repo_copy: Path, tmp_path: Pat
             t = tags(run)
             assert t["dvc.exp_name"] == name
             assert t["mlflow.source.git.commit"] == head and t["dvc.baseline_rev"] == head
-            assert "checkpoint/best/model.safetensors" in server.artifacts(
-                run_id, "checkpoint/best"
-            )
+            assert server.artifacts(run_id, "checkpoint") == []  # the weights: in the Model only
             assert "samples/samples.md" in server.artifacts(run_id, "samples")
             assert [h["step"] for h in server.history(run_id, "loss/val")] == [EVAL, STEPS]
         # `gemma3 runs`: the same leaderboard from the local store and from the server.
@@ -194,8 +192,9 @@ def test_queued_experiments_plots_and_leaderboard(repo_copy: Path, tmp_path: Pat
             )  # fmt: skip
             assert proc.returncode == 0, proc.stderr
             lines = proc.stdout.splitlines()
-            assert lines[1].split()[:2] == ["run", "train.lr"], lines  # the one param that differs
-            rows = [line.split() for line in lines[2:-1]]
+            assert lines[1].startswith("champion: models:/gemma3-tinystories@champion = version")
+            assert lines[2].split()[:2] == ["run", "train.lr"], lines  # the one param that differs
+            rows = [line.split() for line in lines[3:-1]]
             assert [r[0] for r in rows] == order
             for r in rows:
                 assert f"{evals[r[0]]:.4f}" in r

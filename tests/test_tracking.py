@@ -1,25 +1,23 @@
 """MLflow tracking: a dead or hung server never stops training and costs one short timeout; runs
-of killed trainers are closed; resumed runs never log a step twice; the logged MLflow Model predicts
-and serves the same greedy story as `gemma3 generate`."""
+of killed trainers are closed; resumed runs never log a step twice; a locked store or a full
+artifact store mid-run still ends the run FINISHED with no partial model; the pipeline's champion
+predicts the same greedy story as `gemma3 generate` (serving: tests/test_serving.py)."""
 
 from __future__ import annotations
 
 import csv
-import json
 import os
 import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from gemma3.tracking import flatten, start_run, tracking_uri
 from tests.conftest import Trained
-from tests.dvcrepo import PROMPT, free_port, greedy_cli, read_json, tool_env
+from tests.dvcrepo import PROMPT, free_port, greedy_cli, read_json
 from tests.project import TINY_TRAIN, env, stage_cmd, write_params, write_tokens
 
 
@@ -197,85 +195,20 @@ def test_a_resumed_run_never_logs_a_step_twice(tmp_path: Path, monkeypatch) -> N
 
 
 @pytest.mark.slow
-def test_the_pipelines_registered_model_predicts_the_cli_greedy_story(trained: Trained) -> None:
+def test_the_pipelines_champion_predicts_the_cli_greedy_story(trained: Trained) -> None:
+    """Through `dvc repro` (the shared baseline): the one run is the champion and latest-run,
+    and `models:/gemma3-tinystories@champion` generates what `gemma3 generate` prints."""
     import mlflow
 
-    expected = greedy_cli(trained.repo, 20, "--dtype", "fp32")  # the pipeline model runs in fp32
-    mlflow.set_tracking_uri(f"sqlite:///{trained.repo / 'mlflow.db'}")
-    model = mlflow.pyfunc.load_model("models:/gemma3-tinystories/latest")
-    assert model.predict([PROMPT], params={"max_new_tokens": 20}) == [expected]
-
-
-def test_logged_model_is_registered_and_served_with_the_cli_greedy_story(
-    tmp_path: Path, monkeypatch
-) -> None:
-    """An untrained model: its greedy text is varied gibberish, so any token mismatch shows."""
-    import mlflow
-    import torch
-
-    from gemma3.config import Config
-    from gemma3.hf import save_checkpoint
-    from gemma3.model import Gemma3ForCausalLM
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    torch.manual_seed(0)
-    ckpt = tmp_path / "checkpoints" / "best"
-    save_checkpoint(
-        Gemma3ForCausalLM(Config.from_name("gemma3-tiny")), ckpt, meta={"step": 7, "val_loss": 3.25}
-    )
-    tracker = start_run(
-        enabled=True,
-        experiment="served",
-        root=tmp_path,
-        tags={"stage": "train"},
-        registered_model="gemma3-tinystories",
-    )
-    tracker.log_artifact(ckpt, "checkpoint")
-    tracker.finish()
-    assert tracker.model_version == "1"
-    uri = tracking_uri(tmp_path)
+    expected = greedy_cli(trained.repo, 20)  # --dtype auto: the served model's rule too
+    uri = f"sqlite:///{trained.repo / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
-    mv = client.get_model_version("gemma3-tinystories", "1")
-    assert mv.run_id == tracker.run_id
-    assert mv.tags["val_loss"] == "3.25" and mv.tags["step"] == "7"
-    assert client.get_run(tracker.run_id).info.status == "FINISHED"
-
-    expected = greedy_cli(tmp_path, 20, "--model", str(ckpt), "--dtype", "fp32")  # as served
-    assert len(set(expected.removeprefix(PROMPT).split())) > 3  # not one repeated token
-
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
-    serve = subprocess.Popen(
-        [
-            sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/gemma3-tinystories/1",
-            "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        ],
-        cwd=tmp_path, env=tool_env(MLFLOW_TRACKING_URI=uri), stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        body = json.dumps({"inputs": [PROMPT], "params": {"max_new_tokens": 20}}).encode()
-        answer = None
-        for _ in range(600):
-            assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            req = urllib.request.Request(
-                f"http://127.0.0.1:{port}/invocations",
-                data=body,
-                headers={"Content-Type": "application/json"},
-            )
-            try:
-                with urllib.request.urlopen(req, timeout=120) as r:
-                    answer = json.loads(r.read())
-                break
-            except OSError:
-                time.sleep(0.5)
-        assert answer == {"predictions": [expected]}, (tmp_path / "serve.log").read_text()[-3000:]
-    finally:
-        serve.terminate()
-        try:
-            serve.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-        log.close()
+    champion = client.get_model_version_by_alias("gemma3-tinystories", "champion")
+    assert champion.run_id == read_json(trained.repo / "metrics/train.json")["mlflow_run_id"]
+    assert client.get_model_version_by_alias("gemma3-tinystories", "latest-run").version == 1
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/gemma3-tinystories@champion")
+    assert model.predict([PROMPT], params={"max_new_tokens": 20}) == [expected]
 
 
 def test_model_logging_or_registry_failures_warn_once_and_the_run_succeeds(
@@ -289,11 +222,12 @@ def test_model_logging_or_registry_failures_warn_once_and_the_run_succeeds(
     from gemma3.model import Gemma3ForCausalLM
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     good, broken = tmp_path / "good" / "best", tmp_path / "broken" / "best"
     for d in (good, broken):
         save_checkpoint(Gemma3ForCausalLM(Config.from_name("gemma3-tiny")), d, meta={"step": 1})
-    (broken / "vocab.json").unlink()  # no tokenizer: the pipeline cannot be built
+    (broken / "model.safetensors").unlink()  # no weights: nothing to log
 
     client = mlflow.MlflowClient(tracking_uri(tmp_path))
     cases = {
@@ -307,15 +241,153 @@ def test_model_logging_or_registry_failures_warn_once_and_the_run_succeeds(
             enabled=True, experiment=name, root=tmp_path, tags={"stage": "train"},
             registered_model=registered,
         )  # fmt: skip
-        tracker.log_artifact(ckpt, "checkpoint")
-        tracker.log_metrics({"best_val_loss": 1.5}, step=1)  # tracking goes on after the warning
+        tracker.log_best(ckpt, 1.5, 1)
+        tracker.log_metrics({"loss/val": 1.5}, step=1)  # tracking goes on after the warning
         tracker.finish()
         err = capsys.readouterr().err
         lines = [line for line in err.splitlines() if "tracking: warning" in line]
         assert len(lines) == 1 and warning in lines[0], err
         run = client.get_run(tracker.run_id)
         assert run.info.status == "FINISHED" and run.data.metrics["best_val_loss"] == 1.5
-        files = [f.path for f in client.list_artifacts(tracker.run_id, "checkpoint/best")]
-        assert "checkpoint/best/model.safetensors" in files
+        assert run.data.metrics["loss/val"] == 1.5
         assert tracker.model_version is None
+        models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+        # The good checkpoint is logged (not registered); the broken one left no model behind.
+        assert [m.source_run_id for m in models] == (
+            [run.info.run_id] if name == "registry" else []
+        )
     assert client.search_registered_models() == []
+
+
+# The train stage with a tracking failure injected mid-run: `mlflow.db` held by `BEGIN EXCLUSIVE`
+# from another SQLite connection from the log at step LOCK_AT until the one at step RELEASE_AT.
+LOCKED_DB = """
+import os, runpy, sqlite3, sys
+import gemma3.tracking as t
+
+held, _log = [], t.Tracker.log_metrics
+
+def log_metrics(self, metrics, step):
+    if step == {lock_at} and not held:
+        con = sqlite3.connect("mlflow.db", timeout=0, isolation_level=None)
+        con.execute("BEGIN EXCLUSIVE")
+        held.append(con)
+    _log(self, metrics, step)
+    if step == {release_at} and held:
+        held.pop().execute("ROLLBACK")
+
+t.Tracker.log_metrics = log_metrics
+sys.argv = ["stages.train"]
+runpy.run_module("stages.train", run_name="__main__")
+"""
+
+# ... or an artifact store that fills up while the model is uploaded: the weights are copied half
+# way, then the disk is full.
+FULL_ARTIFACT_STORE = """
+import errno, os, pathlib, runpy, sys
+from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+_log_artifacts = LocalArtifactRepository.log_artifacts
+
+def log_artifacts(self, local_dir, artifact_path=None):
+    _log_artifacts(self, local_dir, artifact_path)
+    for f in pathlib.Path(self.artifact_dir).rglob("model.safetensors"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+LocalArtifactRepository.log_artifacts = log_artifacts
+sys.argv = ["stages.train"]
+runpy.run_module("stages.train", run_name="__main__")
+"""
+
+
+def _train_with(
+    tmp_path: Path, hook: str, system_metrics: bool = True
+) -> subprocess.CompletedProcess[str]:
+    tracking = {"enabled": True, "experiment": "faults", "system_metrics": system_metrics}
+    write_params(tmp_path, tracking=tracking)
+    write_tokens(tmp_path)
+    e = env()
+    e.pop("MLFLOW_TRACKING_URI", None)
+    e["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
+    return subprocess.run(
+        [sys.executable, "-c", hook], cwd=tmp_path, env=e, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+
+
+def _only_run(tmp_path: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri(tmp_path))
+    exp = client.get_experiment_by_name("faults")
+    (run,) = client.search_runs([exp.experiment_id])
+    return client, run
+
+
+def test_a_locked_store_mid_run_still_ends_the_run_finished_with_its_model(tmp_path: Path) -> None:
+    proc = _train_with(tmp_path, LOCKED_DB.format(lock_at=10, release_at=30))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if "tracking: warning" in line]
+    assert len(warnings) == 1 and "database is locked" in warnings[0], proc.stderr[-3000:]
+    client, run = _only_run(tmp_path)
+    assert run.info.status == "FINISHED"
+    # Tried once more at the end, with the store back: the model is logged and registered.
+    assert client.get_model_version_by_alias("gemma3-tinystories", "champion").run_id == (
+        run.info.run_id
+    )
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/train")]
+    assert steps == [5]  # the steps logged while the store was locked are in plots/train.csv
+    # The stage's last lines name the run, where it opens, and the registered version.
+    last = proc.stdout.strip().splitlines()[-2:]
+    assert last[0].startswith(f"mlflow: run {run.info.run_id} (FINISHED) http://127.0.0.1:5000/")
+    assert f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in last[0]
+    assert last[1].startswith("mlflow: registered models:/gemma3-tinystories/1 (alias latest-run)")
+    assert "champion: gemma3-tinystories version 1" in last[1]
+    assert "alembic" not in proc.stderr and "INFO" not in proc.stderr  # quiet libraries
+    # System metrics are on by default (params.yaml tracking.system_metrics: true).
+    assert "system/cpu_utilization_percentage" in run.data.metrics
+
+
+def test_a_full_artifact_store_leaves_no_partial_model_and_the_run_finished(
+    tmp_path: Path,
+) -> None:
+    proc = _train_with(tmp_path, FULL_ARTIFACT_STORE, system_metrics=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if "tracking: warning" in line]
+    assert len(warnings) == 1, proc.stderr[-3000:]
+    assert "could not log the checkpoint as an MLflow Model" in warnings[0]
+    client, run = _only_run(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["best_val_loss"] > 0
+    assert client.search_logged_models(experiment_ids=[run.info.experiment_id]) == []
+    assert list((tmp_path / "mlartifacts").rglob("model.safetensors")) == []
+    assert client.search_registered_models() == []
+    assert not [k for k in run.data.metrics if k.startswith("system/")]  # switched off
+
+
+# Training itself fails (a full disk while validating at step 20).
+FAILING_TRAINING = """
+import errno, os, runpy, sys
+import gemma3.train as t
+
+_validate, calls = t.validate, []
+
+def validate(run):
+    calls.append(1)
+    if len(calls) == 2:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "checkpoints")
+    return _validate(run)
+
+t.validate = validate
+sys.argv = ["stages.train"]
+runpy.run_module("stages.train", run_name="__main__")
+"""
+
+
+def test_a_failed_training_ends_its_run_failed(tmp_path: Path) -> None:
+    proc = _train_with(tmp_path, FAILING_TRAINING, system_metrics=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    _, run = _only_run(tmp_path)
+    assert run.info.status == "FAILED"
