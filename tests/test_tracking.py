@@ -204,7 +204,7 @@ def test_the_pipelines_champion_predicts_the_cli_greedy_story(trained: Trained) 
     uri = f"sqlite:///{trained.repo / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     champion = client.get_model_version_by_alias("gemma3-tinystories", "champion")
-    assert champion.run_id == read_json(trained.repo / "metrics/train.json")["mlflow_run_id"]
+    assert champion.run_id == read_json(trained.repo / "metrics/train.json")["mlflow"]["run_id"]
     assert client.get_model_version_by_alias("gemma3-tinystories", "latest-run").version == 1
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/gemma3-tinystories@champion")
