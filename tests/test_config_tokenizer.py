@@ -86,6 +86,9 @@ def test_param_counts_ignore_vocab_padding() -> None:
     assert cfg.padded_vocab_size == 512
     model = Gemma3ForCausalLM(cfg)
     assert unique_numel(model) == cfg.param_counts()["total"] + (512 - 500) * cfg.emb_dim
+    assert unique_numel(model) == cfg.param_counts()["stored"]  # what memory checks count
+    untied = cfg.replace(tie_embeddings=False)
+    assert unique_numel(Gemma3ForCausalLM(untied)) == untied.param_counts()["stored"]
     logits, _ = model(torch.zeros(1, 3, dtype=torch.long))
     assert logits.shape == (1, 3, 500)
 
