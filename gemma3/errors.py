@@ -45,8 +45,9 @@ def missing_extra(e: ModuleNotFoundError) -> Gemma3Error | None:
     module = (e.name or "").split(".")[0]
     if module not in PIPELINE_MODULES:
         return None
+    package = {"yaml": "pyyaml"}.get(module, module)  # the name pip knows
     return Gemma3Error(
-        f"this needs the '{module}' package of the pipeline extra, which is not installed: "
+        f"this needs the '{package}' package of the pipeline extra, which is not installed: "
         + INSTALL_PIPELINE
     )
 

@@ -145,3 +145,4 @@ def test_library_install_console_script(clean_venv, checkpoint, tmp_path):
     assert runs.returncode == 2
     lines = runs.stderr.strip().splitlines()
     assert len(lines) == 1 and "gemma3-tinystories[pipeline]" in lines[0], runs.stderr
+    assert lines[0].startswith("gemma3: error: this needs the 'pandas' package of the pipeline")
