@@ -68,6 +68,8 @@ def quiet_mlflow() -> None:
     for name in ("mlflow", "alembic", "alembic.runtime.migration", "sqlalchemy"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # the pickling advice, see below
+    # A sample the monitor could not write (a locked store) is lost, not worth a traceback.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.CRITICAL)
 
 
 def _quiet_stderr() -> Any:
