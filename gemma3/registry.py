@@ -68,6 +68,8 @@ def quiet_mlflow() -> None:
     for name in ("mlflow", "alembic", "alembic.runtime.migration", "sqlalchemy"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # the pickling advice, see below
+    # A sample the monitor could not write (a locked store) is lost, not worth a traceback.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.CRITICAL)
 
 
 def _quiet_stderr() -> Any:
@@ -196,13 +198,10 @@ def register(
 
     Returns (version, the one line that says what happened to `champion`)."""
     tags = {LOSS_TAG: repr(float(val_loss)), STEP_TAG: str(step), DATA_TAG: md5 or "unknown"}
-    run = client.get_run(run_id)
-    for key, tag in (
-        ("dvc.experiment", "dvc.exp_name"),
-        ("git.commit", "mlflow.source.git.commit"),
-    ):
-        if run.data.tags.get(tag):
-            tags[key] = run.data.tags[tag]
+    run_tags = client.get_run(run_id).data.tags
+    tags["dvc.experiment"] = run_tags.get("dvc.exp_name") or "workspace (dvc repro)"
+    if run_tags.get("mlflow.source.git.commit"):
+        tags["git.commit"] = run_tags["mlflow.source.git.commit"]
     with registry_lock(client.tracking_uri, name):
         version = _new_version(client, name, model_uri, run_id, tags)
         client.set_registered_model_alias(name, LATEST, version)
