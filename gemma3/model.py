@@ -106,6 +106,8 @@ class LayerPlan:
     mask: torch.Tensor | None = None
     decode: bool = False
     decode_bias: torch.Tensor | None = None
+    static_cols: torch.Tensor | None = None  # (T,) columns written this step (StaticKVCache)
+    static_bias: torch.Tensor | None = None  # (B, 1, 1, T, S) additive mask over every slot
 
 
 class KVCache:
@@ -251,6 +253,66 @@ class KVCache:
         return torch.where(valid, pos, torch.full_like(pos, -1))
 
 
+class StaticKVCache(nn.Module):
+    """Fixed-shape cache for graph capture: `torch.compile(mode="reduce-overhead")` / CUDA graphs.
+
+    Every layer keeps `max_len` columns (the sliding window is applied by the mask, not by a
+    ring), the step's columns and positions arrive as tensors, and the masks and RoPE tables are
+    computed from them, so a one-token step runs the same kernels on the same buffers every time.
+    The buffers are module buffers (not inputs), so a captured graph may write them in place.
+    Batch rows are left-padded: `valid` (B, max_len) marks the real columns.
+    """
+
+    def __init__(
+        self, cfg: Config, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.window = cfg.sliding_window
+        self.max_len = max_len
+        B, hd, kw = batch_size, cfg.head_dim, dict(dtype=dtype, device=device)
+        for i in range(cfg.n_layers):  # keys transposed, as in KVCache: (B, n_kv, hd, S)
+            self.register_buffer(
+                f"k_t{i}", torch.zeros(B, cfg.n_kv_heads, hd, max_len, **kw), False
+            )
+            self.register_buffer(f"v{i}", torch.zeros(B, cfg.n_kv_heads, max_len, hd, **kw), False)
+        self.register_buffer(
+            "valid", torch.zeros(B, max_len, dtype=torch.bool, device=device), False
+        )
+        self.register_buffer("key_cols", torch.arange(max_len, device=device), False)
+        all_pos = torch.arange(max_len, device=device)[None]
+        for lt in sorted(set(cfg.layer_types)):  # RoPE tables for every position this cache holds
+            base = cfg.rope_local_base if lt == SLIDING else cfg.rope_base
+            cos, sin = rope_cos_sin(all_pos, hd, base, dtype)  # (1, 1, S, hd)
+            self.register_buffer(f"cos_{lt}", cos[0, 0], False)
+            self.register_buffer(f"sin_{lt}", sin[0, 0], False)
+
+    def reset(self) -> None:
+        """Forget every column (the buffers are reused by the next generation)."""
+        self.valid.zero_()
+
+    def plan(self, layer_type: str, cols: torch.Tensor, positions: torch.Tensor) -> LayerPlan:
+        """RoPE rows for `positions` (B, T) and the additive mask for queries at `cols` (T,)."""
+        cos = getattr(self, f"cos_{layer_type}")[positions][:, None]  # (B, 1, T, hd)
+        sin = getattr(self, f"sin_{layer_type}")[positions][:, None]
+        back = cols[:, None] - self.key_cols[None]  # (T, S): how far back each slot is
+        ok = back >= 0
+        if layer_type == SLIDING:
+            ok = ok & (back < self.window)
+        ok = ok[None] & self.valid[:, None, :]  # (B, T, S)
+        ok = ok | ~ok.any(dim=-1, keepdim=True)  # a padding query sees everything (unused)
+        bias = torch.zeros(ok.shape, device=ok.device).masked_fill(~ok, float("-inf"))
+        return LayerPlan(cos, sin, static_cols=cols, static_bias=bias[:, None, None])
+
+    def store(
+        self, layer: int, cols: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, n_kv, T, hd) at `cols`; return every slot's keys (transposed) and values."""
+        k_t, cv = getattr(self, f"k_t{layer}"), getattr(self, f"v{layer}")
+        k_t.index_copy_(3, cols, k.transpose(-1, -2))
+        cv.index_copy_(2, cols, v)
+        return k_t, cv
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Config, layer_type: str, layer_idx: int) -> None:
         super().__init__()
@@ -278,7 +340,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, plan.cos, plan.sin), apply_rope(k, plan.cos, plan.sin)
 
-        if plan.decode:
+        if plan.static_cols is not None:
+            y = self._static_step(q, k, v, plan, cache)  # (B, nh, T, hd)
+        elif plan.decode:
             y = self._decode_step(q, k, v, plan.decode_bias, cache)  # (B, nh, 1, hd)
         else:
             if cache is not None:
@@ -334,6 +398,28 @@ class Attention(nn.Module):
         else:
             y = p @ cv
         return y.view(B, self.n_heads, 1, self.head_dim)
+
+    def _static_step(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        plan: LayerPlan,
+        cache: StaticKVCache,
+    ) -> torch.Tensor:
+        """T new tokens against every slot of a `StaticKVCache` (masked), softmax in fp32.
+
+        The same math as `_decode_step`, over fixed shapes: query heads sharing a KV head are
+        rows of one matmul, and masked slots get exactly zero weight.
+        """
+        B, _, T, hd = q.shape
+        rep = self.n_heads // self.n_kv
+        k_t, cv = cache.store(self.layer_idx, plan.static_cols, k, v)  # (B,nkv,hd,S), (B,nkv,S,hd)
+        qg = q.reshape(B, self.n_kv, rep * T, hd)  # (B, nkv, rep*T, hd)
+        scores = (qg @ k_t).view(B, self.n_kv, rep, T, -1)  # (B, nkv, rep, T, S)
+        scores = torch.add(plan.static_bias, scores.float(), alpha=self.scale)
+        p = scores.softmax(dim=-1).to(cv.dtype).view(B, self.n_kv, rep * T, -1)
+        return (p @ cv).view(B, self.n_heads, T, hd)
 
 
 class MLP(nn.Module):
@@ -462,8 +548,30 @@ class Gemma3ForCausalLM(nn.Module):
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
         """An empty cache for `batch_size` rows and up to `max_len` tokens (default: context)."""
-        device = self.lm_head.weight.device
+        device = self.model.embed_tokens.weight.device
         return KVCache(self.config, batch_size, max_len or self.config.context_length, device)
+
+    def forward_static(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor,
+        cols: torch.Tensor,
+        cache: StaticKVCache,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, vocab_size) of the last column, for tokens `idx` (B, T) written at cache
+        columns `cols` (T,) with RoPE `positions` (B, T); `valid` (B, T) marks padding (default:
+        all real). Shapes depend only on (B, T), so the one-token step can be graph-captured."""
+        cfg = self.config
+        new_valid = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid
+        cache.valid.index_copy_(1, cols, new_valid)
+        x = self.model.embed_tokens(idx)  # (B, T, emb_dim)
+        x = x * torch.tensor(math.sqrt(cfg.emb_dim), dtype=x.dtype, device=x.device)
+        plans = {lt: cache.plan(lt, cols, positions) for lt in set(cfg.layer_types)}
+        for layer in self.model.layers:
+            x = layer(x, plans[layer.layer_type], cache)
+        logits = self.lm_head(self.model.norm(x[:, -1]))  # (B, padded_vocab_size)
+        return logits[:, : cfg.vocab_size]
 
     def _plans(
         self,
