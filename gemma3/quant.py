@@ -17,9 +17,12 @@ can differ slightly from the same row alone (fp32 and bf16 rows are independent)
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.nn as nn
+
+from gemma3.errors import Gemma3Error
 
 QMAX = 127  # symmetric: -127..127 (the -128 code is never used)
 
@@ -45,10 +48,12 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         q, scale = quantize_weight(weight)
         self.register_buffer("scale", scale, persistent=False)
-        qweight = torch._make_per_channel_quantized_tensor(
-            q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0
-        )
-        self._packed = torch.ops.quantized.linear_prepack(qweight, None)
+        with warnings.catch_warnings():  # quantized tensor types are deprecated (the kernel is not)
+            warnings.simplefilter("ignore", UserWarning)
+            qweight = torch._make_per_channel_quantized_tensor(
+                q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0
+            )
+            self._packed = torch.ops.quantized.linear_prepack(qweight, None)
 
     def int8_weight(self) -> torch.Tensor:
         """The stored int8 codes (N, K)."""
@@ -65,6 +70,18 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def check_int8_device(device: torch.device, source: str) -> None:
+    """One-line error where the int8 kernels cannot run: off the CPU, or on a non-x86 CPU."""
+    if device.type != "cpu":
+        raise Gemma3Error(
+            f"{source}: int8 runs on the CPU only (torch's x86 kernels), not on {device.type}; "
+            "use fp32 or bf16 there, or --device cpu"
+        )
+    engines = torch.backends.quantized.supported_engines
+    if not {"x86", "fbgemm"} & set(engines):
+        raise Gemma3Error(f"{source}: int8 needs an x86 CPU (torch's fbgemm/x86 kernels)")
 
 
 def is_int8(model: nn.Module) -> bool:
