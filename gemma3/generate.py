@@ -329,7 +329,7 @@ def _compiled_step(model: Gemma3ForCausalLM, cuda_graphs: bool) -> Step:
     fn = _COMPILED.get(model)
     if fn is None:
         mode = "reduce-overhead" if cuda_graphs else None
-        fn = torch.compile(model.forward_static, mode=mode, fullgraph=True)
+        fn = torch.compile(model.forward_static, mode=mode, fullgraph=True, dynamic=False)
         _COMPILED[model] = fn
     return fn
 

@@ -194,3 +194,18 @@ def test_cli_int8_loads_any_checkpoint(overrides, tmp_path: Path) -> None:
     )
     new = generate(loaded, [encode(prompt)], 12, temperature=0, stop_token=None)[0]
     assert proc.stdout.rstrip("\n") == prompt + decode(new)
+
+
+def test_gpu_decode_benchmark_runs_on_cpu() -> None:
+    """benchmarks/gpu.sh imports decode_rows; its smoke test is this (tiny preset, eager)."""
+    pytest.importorskip("transformers")
+    from benchmarks.bench_gpu_decode import decode_rows
+
+    rows = decode_rows("cpu", None, new_tokens=3, batches=(1, 2), repeats=1)
+    assert [r["setup"].split(",")[0] for r in rows] == [
+        "ours",
+        "transformers generate (default)",
+    ] * 2
+    for r in rows:
+        assert set(r) == {"setup", "tokens_per_s", "vs_transformers", "peak_mem_gib"}
+        assert r["tokens_per_s"] > 0 and r["vs_transformers"] > 0 and r["peak_mem_gib"] > 0
