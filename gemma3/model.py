@@ -662,10 +662,11 @@ class Gemma3ForCausalLM(nn.Module):
         x = self.model.norm(x)
         if targets is not None:
             h = x.reshape(B * T, cfg.emb_dim)
-            if torch.compiler.is_compiling():
+            if torch.compiler.is_compiling() or not isinstance(self.lm_head, nn.Linear):
                 # Under torch.compile the chunk loop would be unrolled into the graph: on an H100
                 # that made compilation and the step slower as the micro-batch grew (RESULTS.md,
                 # GPU). Inductor fuses the cast and log-softmax of the plain form instead.
+                # An int8 head (gemma3.quant) has no float weight for the chunked loss either.
                 logits = self.lm_head(h)[:, : cfg.vocab_size].float()  # (B*T, vocab_size)
                 return None, F.cross_entropy(logits, targets.reshape(-1), ignore_index=-100)
             loss = chunked_loss(
