@@ -15,7 +15,7 @@ from gemma3.errors import Gemma3Error
 from gemma3.generate import generate
 from gemma3.hf import load_checkpoint, save_checkpoint
 from gemma3.quant import Int8Linear, check_int8_device, quantize_int8, quantize_weight
-from gemma3.tokenizer import decode, encode
+from gemma3.tokenizer import EOT_ID, decode, encode
 from tests.project import REPO, env
 from tests.test_generate import GEN
 from tests.test_hf_parity import random_model
@@ -209,3 +209,24 @@ def test_gpu_decode_benchmark_runs_on_cpu() -> None:
     for r in rows:
         assert set(r) == {"setup", "tokens_per_s", "vs_transformers", "peak_mem_gib"}
         assert r["tokens_per_s"] > 0 and r["vs_transformers"] > 0 and r["peak_mem_gib"] > 0
+
+
+@pytest.mark.parametrize("dtype", ["int8", "fp32"])
+def test_sample_stage_generates_in_the_params_dtype(dtype, tmp_path: Path) -> None:
+    """`sample.dtype` reaches the stage: its stories are what `generate` gives in-process with
+    that dtype (int8 computed from the float checkpoint), all prompts in one batch."""
+    import json
+
+    from tests.project import run_stage, write_params
+
+    model = random_model(GEN, seed=8)
+    save_checkpoint(model, tmp_path / "checkpoints" / "best")
+    prompts = ["Once upon a time", "The dog"]
+    write_params(tmp_path, sample={"dtype": dtype, "prompts": prompts, "max_new_tokens": 6})
+    run_stage(tmp_path, "sample", timeout=300)
+    got = json.loads((tmp_path / "samples" / "samples.json").read_text())["samples"]
+    ref = quantize_int8(model) if dtype == "int8" else model
+    want = generate(
+        ref, [encode(p) for p in prompts], 6, temperature=0.8, top_k=200, top_p=0.95, seed=1337
+    )
+    assert [s["completion"] for s in got] == [decode([t for t in w if t != EOT_ID]) for w in want]
