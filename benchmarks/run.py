@@ -6,9 +6,10 @@
 
 Sections: the training step against transformers' Gemma3ForCausalLM (same weights, same batch,
 same optimizer) per precision for gemma3-small and gemma3-270m; greedy decode of the 270M preset
-against transformers' `generate` per dtype and against full recompute, with the weight-bandwidth
-bound measured in the same run; the chunked loss's memory; peak RSS of 270M generation;
-tokenization against raw tiktoken (benchmarks/bench_tokenize.py, when present). Runs of the
+(fp32, bf16, int8; ring and static caches) against transformers' `generate` per dtype and against
+full recompute, with each dtype's weight-bandwidth bound measured in the same run; batch-16 decode
+of prompts of different lengths and prefill against transformers; the chunked loss's memory;
+peak RSS of 270M generation; tokenization against raw tiktoken (benchmarks/bench_tokenize.py, when present). Runs of the
 things compared are interleaved (ours, theirs, ours, ...) so load from other processes hits both;
 tables give medians and the min-max spread. The "## Profile notes" and "## GPU" sections of an
 existing RESULTS.md are kept (written by hand / by benchmarks/gpu.sh).
