@@ -202,7 +202,8 @@ class KVCache:
                 bias = bias[:, None, None, :]  # (B, 1, 1, S)
             return {"decode": True, "decode_bias": bias}
         if layer_type == SLIDING:
-            k_cols = torch.cat((self.ring_cols, q_cols))
+            # The first step (the prompt) has an empty ring: its keys are its own only.
+            k_cols = q_cols if self.start == 0 else torch.cat((self.ring_cols, q_cols))
         else:
             k_cols = torch.arange(self.start + T, device=device)
         k_valid = self.valid[:, k_cols.clamp(min=0)]
@@ -233,6 +234,9 @@ class KVCache:
             return ck[..., :end], cv[:, :, :end]
         if T == 1:
             return ck, cv  # the caller writes with write_ring once attention has read the slots
+        if self.start == 0:  # nothing in the ring yet: attend to the new keys only
+            self.write_ring(layer, k, v)
+            return k.transpose(-1, -2), v
         keys_t, values = torch.cat((ck, k.transpose(-1, -2)), dim=-1), torch.cat((cv, v), dim=2)
         self.write_ring(layer, k, v)
         return keys_t, values
