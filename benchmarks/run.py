@@ -6,9 +6,10 @@
 
 Sections: the training step against transformers' Gemma3ForCausalLM (same weights, same batch,
 same optimizer) per precision for gemma3-small and gemma3-270m; greedy decode of the 270M preset
-against transformers' `generate` per dtype and against full recompute, with the weight-bandwidth
-bound measured in the same run; the chunked loss's memory; peak RSS of 270M generation;
-tokenization against raw tiktoken (benchmarks/bench_tokenize.py, when present). Runs of the
+(fp32, bf16, int8; ring and static caches) against transformers' `generate` per dtype and against
+full recompute, with each dtype's weight-bandwidth bound measured in the same run; batch-16 decode
+of prompts of different lengths and prefill against transformers; the chunked loss's memory;
+peak RSS of 270M generation; tokenization against raw tiktoken (benchmarks/bench_tokenize.py, when present). Runs of the
 things compared are interleaved (ours, theirs, ours, ...) so load from other processes hits both;
 tables give medians and the min-max spread. The "## Profile notes" and "## GPU" sections of an
 existing RESULTS.md are kept (written by hand / by benchmarks/gpu.sh).
@@ -30,7 +31,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from gemma3.config import Config
 from gemma3.generate import generate
@@ -157,19 +157,66 @@ def _train_rows(preset: str, repeats: int, batch: int, block: int) -> list[str]:
 
 
 def bandwidth_bound(model: Gemma3ForCausalLM, repeats: int) -> tuple[float, float]:
-    """(seconds, bytes) of one pass of one-row F.linear over every matrix a decode step reads."""
-    mats = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    mats = list({id(w): w for w in mats}.values())
-    nbytes = sum(w.numel() * w.element_size() for w in mats)
-    x = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in mats}
+    """(seconds, bytes) of one pass of one-row matmuls over every matrix a decode step reads, in
+    the model's own kernel (F.linear for fp32/bf16, the int8 kernel for Int8Linear)."""
+    from gemma3.quant import Int8Linear
+
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
+    layers = list({id(getattr(m, "weight", m)): m for m in layers}.values())
+    nbytes = 0
+    for m in layers:
+        if isinstance(m, Int8Linear):  # int8 codes + one fp32 scale per row
+            nbytes += m.in_features * m.out_features + 4 * m.out_features
+        else:
+            nbytes += m.weight.numel() * m.weight.element_size()
+    dtype = model.model.embed_tokens.weight.dtype
+    x = {m.in_features: torch.randn(1, m.in_features, dtype=dtype) for m in layers}
 
     def one_pass() -> None:
-        for w in mats:
-            F.linear(x[w.shape[1]], w)
+        for m in layers:
+            m(x[m.in_features])
 
     with torch.inference_mode():
         times = interleaved({"pass": one_pass}, repeats * 5)["pass"]
     return statistics.median(times), nbytes
+
+
+def _hf_generate(hf, ids: torch.Tensor, mask: torch.Tensor, n_new: int) -> list[list[int]]:
+    with torch.inference_mode():
+        seq = hf.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=n_new,
+            min_new_tokens=n_new,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+    return seq[:, ids.shape[1] :].tolist()
+
+
+def _left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), T, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p) :] = torch.tensor(p)
+        mask[i, T - len(p) :] = 1
+    return ids, mask
+
+
+def _models(preset: str) -> dict[str, tuple[Gemma3ForCausalLM, object]]:
+    """Ours per dtype (fp32, bf16, int8 computed from the fp32 weights) and transformers' copy
+    (None for int8: it has no int8 CPU path of its own here)."""
+    from gemma3.quant import quantize_int8
+
+    base = random_model(preset).eval()
+    out = {}
+    for label, dtype in DTYPES.items():
+        ours = base if dtype == torch.float32 else random_model(preset, dtype).eval()
+        out[label] = (ours, hf_copy(ours).to(dtype).eval())
+    out["int8"] = (quantize_int8(base), None)
+    return out
 
 
 def decode_section(preset: str, n_new: int, repeats: int, recompute: bool) -> list[str]:
@@ -178,75 +225,183 @@ def decode_section(preset: str, n_new: int, repeats: int, recompute: bool) -> li
         "",
         f"{preset}, batch 1, a {len(PROMPT_IDS)}-token prompt, {n_new} new tokens with no early "
         "stop, random weights (in fp32 the methods must agree token for token; the 'same "
-        "tokens' column checks ours against transformers). The bound is the weight-bandwidth ceiling "
-        "measured here: one pass of one-row `F.linear` over every matrix a decode step reads, "
-        f"timed in the same run. Tokens/s, median (min-max) of {repeats}.",
+        "tokens' column checks ours against transformers, and int8 against our fp32). 'KV cache' "
+        "is the ring-buffer cache, 'static cache' the fixed-shape one CUDA graphs capture. int8 "
+        "is computed at load from the fp32 weights (gemma3.quant); transformers has no int8 "
+        "CPU path, so int8 is compared with transformers' fastest dtype. The bound is the "
+        "weight-bandwidth ceiling measured here in each dtype: one pass of one-row matmuls (the "
+        "model's own kernel) over every matrix a decode step reads, timed in the same run. "
+        f"Tokens/s, median (min-max) of {repeats}.",
         "",
         "| dtype | method | tokens/s | vs transformers | % of bound | same tokens |",
         "| --- | --- | ---: | ---: | ---: | --- |",
     ]
-    base = random_model(preset)
-    verdicts = []
-    for label, dtype in DTYPES.items():
-        rows, verdict = _decode_rows(base.to(dtype).eval(), label, n_new, repeats, recompute)
+    res: dict[str, dict] = {}
+    for label, (ours, hf) in _models(preset).items():
+        rows, res[label] = _decode_rows(ours, hf, label, n_new, repeats, recompute, res)
         out += rows
-        verdicts.append(verdict)
-    return out + ["", *verdicts]
+    return out + ["", *_decode_verdicts(res)]
 
 
 def _decode_rows(
-    ours: Gemma3ForCausalLM, label: str, n_new: int, repeats: int, recompute: bool
-) -> tuple[list[str], str]:
-    hf = hf_copy(ours).to(ours.lm_head.weight.dtype).eval()
+    ours: Gemma3ForCausalLM,
+    hf,
+    label: str,
+    n_new: int,
+    repeats: int,
+    recompute: bool,
+    earlier: dict[str, dict],
+) -> tuple[list[str], dict]:
     x = torch.tensor([PROMPT_IDS])
     result: dict[str, list[int]] = {}
+    fns = {}
+    for name, static in (("cache", False), ("static", True)):
 
-    def run_ours() -> None:
-        result["ours"] = generate(ours, [PROMPT_IDS], n_new, temperature=0, stop_token=None)[0]
+        def run(name: str = name, static: bool = static) -> None:
+            result[name] = generate(
+                ours, [PROMPT_IDS], n_new, temperature=0, stop_token=None, static=static
+            )[0]
 
-    def run_hf() -> None:
-        with torch.inference_mode():
-            seq = hf.generate(
-                x,
-                attention_mask=torch.ones_like(x),
-                max_new_tokens=n_new,
-                min_new_tokens=n_new,
-                do_sample=False,
-                pad_token_id=None,
-                eos_token_id=None,
-            )
-        result["hf"] = seq[0, len(PROMPT_IDS) :].tolist()
-
-    times = interleaved({"ours": run_ours, "hf": run_hf}, repeats)
+        fns[name] = run
+    if hf is not None:
+        fns["hf"] = lambda: result.__setitem__(
+            "hf", _hf_generate(hf, x, torch.ones_like(x), n_new)[0]
+        )
+    times = interleaved(fns, repeats)
     bound_s, nbytes = bandwidth_bound(ours, repeats)
     tps = {k: [n_new / t for t in v] for k, v in times.items()}
-    ours_med, hf_med = statistics.median(tps["ours"]), statistics.median(tps["hf"])
-    same = "yes" if result["ours"] == result["hf"] else "no"
-    pct = 100 * ours_med * bound_s
+    med = {k: statistics.median(v) for k, v in tps.items()}
+    if hf is not None:
+        ref_name, ref = "transformers", med["hf"]
+        same = {k: "yes" if result[k] == result["hf"] else "no" for k in ("cache", "static")}
+    else:  # int8: against transformers' fastest dtype, tokens against our fp32
+        ref_name, ref = max((e["hf"], k) for k, e in earlier.items())[::-1]
+        ref_name = f"transformers {ref_name}"
+        fp32 = earlier["fp32"]["tokens"]
+        agree = {k: sum(a == b for a, b in zip(result[k], fp32, strict=True)) for k in result}
+        same = {k: f"{agree[k]}/{n_new} with fp32" for k in agree}
     rows = [
-        f"| {label} | ours, KV cache | {spread(tps['ours'], fmt='{:.1f}')} "
-        f"| {ours_med / hf_med:.2f}x | {pct:.0f}% | {same} |",
-        f"| {label} | transformers generate | {spread(tps['hf'], fmt='{:.1f}')} | 1.00x "
-        f"| {100 * hf_med * bound_s:.0f}% | |",
-        f"| {label} | bound: {nbytes / 1e9:.2f} GB of weights at {nbytes / bound_s / 1e9:.1f} "
-        f"GB/s | {1 / bound_s:.1f} | | 100% | |",
+        f"| {label} | ours, {name} | {spread(tps[key], fmt='{:.1f}')} | "
+        f"{med[key] / ref:.2f}x {'' if hf is not None else ref_name} | "
+        f"{100 * med[key] * bound_s:.0f}% | {same[key]} |"
+        for key, name in (("cache", "KV cache"), ("static", "static cache"))
     ]
-    verdict = f"- {label}: {ours_med / hf_med:.2f}x transformers (target 1.5x: "
-    verdict += f"{target(ours_med / hf_med, 1.5)})"
-    if label == "bf16":
-        verdict += f"; {pct:.0f}% of the bound (target 70%: {target(pct / 100, 0.7)})"
+    if hf is not None:
+        rows.append(
+            f"| {label} | transformers generate | {spread(tps['hf'], fmt='{:.1f}')} | 1.00x "
+            f"| {100 * med['hf'] * bound_s:.0f}% | |"
+        )
+    rows.append(
+        f"| {label} | bound: {nbytes / 1e9:.2f} GB of weights at {nbytes / bound_s / 1e9:.1f} "
+        f"GB/s | {1 / bound_s:.1f} | | 100% | |"
+    )
     print("\n".join(rows), flush=True)
+    best = max(med["cache"], med["static"])
     if recompute and label == "fp32":
         t0 = time.perf_counter()
         full = generate(ours, [PROMPT_IDS], n_new, temperature=0, stop_token=None, use_cache=False)
         rec = n_new / (time.perf_counter() - t0)
         rows.append(
             f"| fp32 | ours, full recompute (the seed's way), 1 run | {rec:.1f} "
-            f"| {rec / hf_med:.2f}x | {100 * rec * bound_s:.0f}% "
-            f"| {'yes' if full[0] == result['ours'] else 'no'} (vs cache) |"
+            f"| {rec / ref:.2f}x | {100 * rec * bound_s:.0f}% "
+            f"| {'yes' if full[0] == result['cache'] else 'no'} (vs cache) |"
         )
         print(rows[-1], flush=True)
-    return rows, verdict
+    summary = {"ours": best, "hf": med.get("hf"), "bound": 1 / bound_s, "tokens": result["cache"]}
+    return rows, summary
+
+
+def _decode_verdicts(res: dict[str, dict]) -> list[str]:
+    """Issue #22's decode targets, from the rows above (ours = the faster of our two caches)."""
+    out = []
+    hf_best = max(r["hf"] for r in res.values() if r["hf"] is not None)
+    for label, goal in (("fp32", 0.9), ("bf16", 0.8), ("int8", 0.7)):
+        pct = res[label]["ours"] / res[label]["bound"]
+        out.append(
+            f"- {label}: {100 * pct:.0f}% of its bound (target {goal:.0%}: {target(pct, goal)})"
+        )
+    i8 = res["int8"]["ours"]
+    r32, rhf = i8 / res["fp32"]["ours"], i8 / hf_best
+    out.append(f"- int8 vs our fp32: {r32:.2f}x (target 2.5x: {target(r32, 2.5)})")
+    out.append(f"- int8 vs transformers' fastest: {rhf:.2f}x (target 2x: {target(rhf, 2.0)})")
+    return out
+
+
+def _batch_prompts(batch: int, vocab: int) -> list[list[int]]:
+    """`batch` prompts of different lengths (5 to 5 + 3 * (batch - 1) tokens), fixed ids."""
+    g = torch.Generator().manual_seed(batch)
+    return [torch.randint(0, vocab, (5 + 3 * i,), generator=g).tolist() for i in range(batch)]
+
+
+def batch_section(preset: str, batch: int, n_new: int, repeats: int) -> list[str]:
+    """Batched greedy sampling (left-padded prompts of different lengths), and prefill."""
+    out = [
+        f"## Batch {batch} decode and prefill vs transformers",
+        "",
+        f"{preset}, random weights, {batch} prompts of {5}-{5 + 3 * (batch - 1)} tokens, "
+        "left-padded, greedy with no early stop. Decode: tokens/s over the batch for "
+        f"{n_new} new tokens per row (prefill included). Prefill: prompt tokens/s of the first "
+        "token (`generate` with one new token: the prompt pass and one pick) for the same batch "
+        "and for batch 1 with a 128-token prompt. int8 is compared with transformers' fastest "
+        f"dtype. Median (min-max) of {repeats}.",
+        "",
+        "| dtype | what | ours | transformers | ours vs transformers | same tokens |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    models = _models(preset)
+    prompts = _batch_prompts(batch, models["fp32"][0].config.vocab_size)
+    long_prompt = [(PROMPT_IDS * 10)[:128]]
+    verdicts: dict[str, list[float]] = {"decode": [], "prefill": []}
+    hf_best: dict[str, tuple[float, str]] = {}
+    for label, (ours, hf) in models.items():
+        for what, ps, new in (
+            (f"decode, batch {batch}", prompts, n_new),
+            (f"prefill, batch {batch}", prompts, 1),
+            ("prefill, batch 1 x 128", long_prompt, 1),
+        ):
+            row, ratio, hf_rate = _batch_row(ours, hf, label, what, ps, new, repeats, hf_best)
+            hf_best[what] = max(hf_best.get(what, (0.0, "")), (hf_rate, label))
+            out.append(row)
+            print(row, flush=True)
+            verdicts["decode" if what.startswith("decode") else "prefill"].append(ratio)
+    dec, pre = verdicts["decode"], verdicts["prefill"]
+    out += [
+        "",
+        f"- batch {batch} decode vs transformers (target 1.5x): "
+        + ", ".join(f"{r:.2f}x" for r in dec)
+        + f" (fp32, bf16, int8); lowest {target(min(dec), 1.5)}",
+        "- prefill vs transformers (target 1.0x): "
+        + ", ".join(f"{r:.2f}x" for r in pre)
+        + f" (fp32, bf16, int8; batch {batch} then 1 x 128 each); lowest {target(min(pre), 1.0)}",
+    ]
+    return out
+
+
+def _batch_row(ours, hf, label, what, prompts, n_new, repeats, hf_best) -> tuple[str, float, float]:
+    ids, mask = _left_padded(prompts)
+    n_tokens = len(prompts) * n_new if n_new > 1 else int(mask.sum())
+    result: dict[str, list[list[int]]] = {}
+
+    def run_ours() -> None:
+        result["ours"] = generate(ours, prompts, n_new, temperature=0, stop_token=None)
+
+    fns = {"ours": run_ours}
+    if hf is not None:
+        fns["hf"] = lambda: result.__setitem__("hf", _hf_generate(hf, ids, mask, n_new))
+    times = interleaved(fns, repeats)
+    rate = {k: [n_tokens / t for t in v] for k, v in times.items()}
+    ours_med = statistics.median(rate["ours"])
+    if hf is not None:
+        hf_med, ref = statistics.median(rate["hf"]), spread(rate["hf"], fmt="{:.1f}")
+        same = "yes" if result["ours"] == result["hf"] else "no"
+    else:
+        hf_med, best_label = hf_best[what]
+        ref, same = f"{hf_med:.1f} ({best_label})", ""
+    row = (
+        f"| {label} | {what} | {spread(rate['ours'], fmt='{:.1f}')} | {ref} "
+        f"| {ours_med / hf_med:.2f}x | {same} |"
+    )
+    return row, ours_med / hf_med, hf_med
 
 
 # Peak resident set of this process so far, in kB: VmHWM starts afresh at exec (ru_maxrss
@@ -368,12 +523,14 @@ def kept_sections(text: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sections = ["train", "decode", "memory", "tokenize"]
+    sections = ["train", "decode", "batch", "memory", "tokenize"]
     ap.add_argument("--only", nargs="+", choices=sections, default=sections)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new", type=int, default=100, help="new tokens per decode run")
     ap.add_argument("--presets", nargs="+", default=["gemma3-small", "gemma3-270m"])
     ap.add_argument("--decode-preset", default="gemma3-270m")
+    ap.add_argument("--decode-batch", type=int, default=16, help="rows of the batched section")
+    ap.add_argument("--batch-new", type=int, default=50, help="new tokens per row, batched")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--no-recompute", action="store_true", help="skip the full-recompute row")
@@ -392,6 +549,11 @@ def main() -> None:
         body += [
             "",
             *decode_section(args.decode_preset, args.new, args.repeats, not args.no_recompute),
+        ]
+    if "batch" in args.only:
+        body += [
+            "",
+            *batch_section(args.decode_preset, args.decode_batch, args.batch_new, args.repeats),
         ]
     if "memory" in args.only:
         body += ["", *memory_section(args.new)]

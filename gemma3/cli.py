@@ -73,6 +73,11 @@ def _generation_precision(args: argparse.Namespace) -> tuple[torch.device, str]:
     device = resolve_device(args.device, source="--device")
     if args.dtype == "auto":
         return device, resolve_precision("auto", device)
+    if args.dtype == "int8":
+        from gemma3.quant import check_int8_device
+
+        check_int8_device(device, "--dtype int8")
+        return device, "int8"
     return device, "bf16-pure" if _dtype(args.dtype) != _dtype("fp32") else "fp32"
 
 
@@ -128,7 +133,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"--seed must be between 0 and {MAX_SEED - args.num_samples}, got {args.seed}"
         )
     device, precision = _generation_precision(args)
-    model = load_checkpoint(args.model, device=device, dtype=weight_dtype(precision))
+    int8 = precision == "int8"
+    model = load_checkpoint(
+        args.model, device=device, dtype=weight_dtype("fp32" if int8 else precision)
+    )
+    if int8:
+        from gemma3.quant import quantize_int8
+
+        model = quantize_int8(model, inplace=True)  # computed here, from the float checkpoint
     ids = check_prompts([encode(prompt)], model.config)[0]  # before anything is printed
     room = model.config.context_length - len(ids)
     if args.max_new_tokens > room:
@@ -353,9 +365,10 @@ def _add_model_commands(add: AddCommand) -> None:
     gen.add_argument(
         "--dtype",
         default="auto",
-        choices=("auto", *DTYPE_CHOICES),
+        choices=("auto", *DTYPE_CHOICES, "int8"),
         help="auto = training's precision policy (bf16 autocast on CUDA and on CPUs with native "
-        "bf16, else fp32); fp32/bf16 = weights in that dtype",
+        "bf16, else fp32); fp32/bf16 = weights in that dtype; int8 = int8 linear layers computed "
+        "from the checkpoint at load (CPU only)",
     )
     gen.set_defaults(func=cmd_generate)
 

@@ -11,6 +11,7 @@ seed's way); it is kept as the reference the cache is tested against.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -18,7 +19,7 @@ import torch.nn as nn
 
 from gemma3.config import Config
 from gemma3.errors import Gemma3Error
-from gemma3.model import Gemma3ForCausalLM
+from gemma3.model import Gemma3ForCausalLM, StaticKVCache
 from gemma3.tokenizer import EOT_ID
 
 # Temperatures below float32's smallest normal number (1.2e-38) decode greedily: sampling runs in
@@ -112,10 +113,17 @@ def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[t
 
 def in_dtype(model: Gemma3ForCausalLM, dtype: torch.dtype | None) -> Gemma3ForCausalLM:
     """The model with its weights in `dtype`: itself when they already are, else a converted copy
-    (built on the meta device: the only new memory is the converted weights)."""
-    weight = model.lm_head.weight
-    if dtype is None or weight.dtype == dtype:
+    (built on the meta device: the only new memory is the converted weights). `torch.int8` means
+    int8 linear layers (gemma3.quant) with everything else in fp32."""
+    if dtype == torch.int8:
+        from gemma3.quant import quantize_int8
+
+        return quantize_int8(model)
+    weight = model.model.embed_tokens.weight
+    if dtype is None or (weight.dtype == dtype and not _is_int8(model)):
         return model
+    if _is_int8(model):
+        raise Gemma3Error(f"the model has int8 weights; load it again to run it in {dtype}")
     with torch.device("meta"):
         copy = Gemma3ForCausalLM(model.config)
     state = {k: v.to(dtype) for k, v in model.state_dict().items()}
@@ -125,6 +133,10 @@ def in_dtype(model: Gemma3ForCausalLM, dtype: torch.dtype | None) -> Gemma3ForCa
     if model.config.tie_embeddings:
         copy.lm_head.weight = copy.model.embed_tokens.weight
     return copy.to(weight.device).eval()
+
+
+def _is_int8(model: nn.Module) -> bool:
+    return not isinstance(model.lm_head, nn.Linear)
 
 
 def generate(
@@ -139,9 +151,10 @@ def generate(
     stop_token: int | None = EOT_ID,
     use_cache: bool = True,
     dtype: torch.dtype | None = None,
-    compile: bool = False,
+    compile: bool | None = None,
     on_step: Callable[[list[int | None]], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    static: bool | None = None,
 ) -> list[list[int]]:
     """Generate up to `max_new_tokens` for each prompt; returns the new tokens per prompt.
 
@@ -149,10 +162,13 @@ def generate(
     `stop_token` (which is included in its output). `on_step` receives each step's new token
     per row (None for finished rows), for streaming. The same `seed` gives the same tokens; with
     a seed, row i samples from a generator seeded with seed + i. Greedy rows (temperature 0)
-    generate exactly what they would alone; sampled rows do too, given seed + i alone.
+    generate exactly what they would alone; sampled rows do too, given seed + i alone (int8
+    rows excepted: see gemma3.quant).
     `dtype` runs the weights in that dtype (bf16 halves the bytes read per token, the limit of
-    batch-1 decoding on a CPU); `compile` runs the one-token steps through torch.compile (on a
-    CPU it compiles for a minute or more and measured no faster: see benchmarks/RESULTS.md).
+    batch-1 decoding on a CPU; `torch.int8` quarters them). `static` decodes with the
+    fixed-shape `StaticKVCache` (default: on CUDA, where it can be captured); `compile` runs its
+    one-token step through torch.compile, as CUDA graphs (mode "reduce-overhead") on CUDA
+    (default: on CUDA only; on a CPU compiling takes a minute and measured no faster).
     `should_stop()` is asked before every new token; True ends generation there (what was
     generated so far is returned), so a server's deadline or shutdown bounds a request.
     """
@@ -163,6 +179,9 @@ def generate(
     prompts = check_prompts(prompts, cfg)
     was_training = model.training
     model.eval()
+    cuda = model.model.embed_tokens.weight.device.type == "cuda"
+    compile = cuda if compile is None else compile
+    static = (cuda or compile) if static is None else static
     try:
         with torch.inference_mode():
             return _generate(
@@ -172,13 +191,20 @@ def generate(
                 sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p),
                 seed=seed,
                 stop_token=stop_token,
-                use_cache=use_cache,
+                mode="static" if use_cache and static else "cache" if use_cache else "recompute",
                 compile=compile,
                 on_step=on_step,
                 should_stop=should_stop,
             )
     finally:
         model.train(was_training)
+
+
+# With no streaming, whether every row has stopped is asked only every this many steps: the
+# question waits for the device (a sync per token on a GPU); the extra tokens are cut off.
+STOP_CHECK_EVERY = 8
+
+Step = Callable[[torch.Tensor], torch.Tensor]  # next tokens (B,) -> next logits (B, V)
 
 
 def _generate(
@@ -189,13 +215,13 @@ def _generate(
     sampling: dict,
     seed: int | None,
     stop_token: int | None,
-    use_cache: bool,
+    mode: str,
     compile: bool,
     on_step: Callable[[list[int | None]], None] | None,
     should_stop: Callable[[], bool] | None = None,
 ) -> list[list[int]]:
     cfg = model.config
-    device = model.lm_head.weight.device
+    device = model.model.embed_tokens.weight.device
     B = len(prompts)
     generators = None
     if seed is not None:
@@ -205,33 +231,121 @@ def _generate(
     # Positions run to context_length - 1 at most (what the model was built for).
     longest = max(len(p) for p in prompts)
     steps = min(max_new_tokens, cfg.context_length - longest)
-    out: list[list[int]] = [[] for _ in range(B)]
+    if steps <= 0:
+        return [[] for _ in range(B)]
+    if mode == "static":
+        logits, advance = _static_steps(model, idx, valid, steps, compile)
+    else:
+        logits, advance = _eager_steps(model, idx, valid, steps, mode == "cache", compile)
+    tokens = torch.empty(B, steps, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    cache = model.new_cache(B, idx.shape[1] + steps) if use_cache else None
-    step_fn: nn.Module = model
-    if compile and use_cache:
-        step_fn = torch.compile(model, dynamic=True)
-
-    logits, _ = model(idx, valid=valid, cache=cache, last_only=True)
+    n = 0
     for step in range(steps):
         if should_stop is not None and should_stop():
             break
-        nxt = sample_next(logits[:, -1].float(), **sampling, generator=generators)  # (B,)
-        step_tokens: list[int | None] = []
-        for i, t in enumerate(nxt.tolist()):
-            step_tokens.append(None if done[i] else t)
-            if not done[i]:
-                out[i].append(t)
+        nxt = sample_next(logits.float(), **sampling, generator=generators)  # (B,)
+        tokens[:, step] = nxt
+        n = step + 1
         if on_step is not None:
-            on_step(step_tokens)
+            on_step([None if d else t for t, d in zip(nxt.tolist(), done.tolist(), strict=True)])
         if stop_token is not None:
             done |= nxt == stop_token
-        if bool(done.all()) or step == steps - 1:
-            break
+            check = on_step is not None or step % STOP_CHECK_EVERY == STOP_CHECK_EVERY - 1
+            if check and bool(done.all()):
+                break
+        if step < steps - 1:
+            logits = advance(nxt)
+    return [_until_stop(row, stop_token) for row in tokens[:, :n].tolist()]
+
+
+def _until_stop(row: list[int], stop_token: int | None) -> list[int]:
+    """A row's tokens up to and including its first `stop_token`."""
+    if stop_token is not None and stop_token in row:
+        return row[: row.index(stop_token) + 1]
+    return row
+
+
+def _eager_steps(
+    model: Gemma3ForCausalLM,
+    idx: torch.Tensor,
+    valid: torch.Tensor,
+    steps: int,
+    use_cache: bool,
+    compile: bool,
+) -> tuple[torch.Tensor, Step]:
+    """The first logits and the step function of `KVCache` decoding, or of full recompute."""
+    cache = model.new_cache(idx.shape[0], idx.shape[1] + steps) if use_cache else None
+    step_fn: nn.Module = torch.compile(model, dynamic=True) if compile and use_cache else model
+    logits, _ = model(idx, valid=valid, cache=cache, last_only=True)
+    state = {"idx": idx, "valid": valid}
+
+    def advance(nxt: torch.Tensor) -> torch.Tensor:
         if use_cache:
-            logits, _ = step_fn(nxt[:, None], cache=cache, last_only=True)
-        else:
-            idx = torch.cat((idx, nxt[:, None]), dim=1)
-            valid = torch.cat((valid, torch.ones_like(valid[:, :1])), dim=1)
-            logits, _ = model(idx, valid=valid, last_only=True)
-    return out
+            return step_fn(nxt[:, None], cache=cache, last_only=True)[0][:, -1]
+        state["idx"] = torch.cat((state["idx"], nxt[:, None]), dim=1)
+        state["valid"] = torch.cat((state["valid"], torch.ones_like(valid[:, :1])), dim=1)
+        return model(state["idx"], valid=state["valid"], last_only=True)[0][:, -1]
+
+    return logits[:, -1], advance
+
+
+def _static_steps(
+    model: Gemma3ForCausalLM, idx: torch.Tensor, valid: torch.Tensor, steps: int, compile: bool
+) -> tuple[torch.Tensor, Step]:
+    """The first logits and the step function of `StaticKVCache` decoding: the prompt is run
+    eagerly, the one-token steps (optionally compiled) reuse one set of buffers and shapes."""
+    B, T = idx.shape
+    cache = _static_cache(model, B, T + steps, compile)
+    cols = torch.arange(T, device=idx.device)
+    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
+    logits = model.forward_static(idx, positions, cols, cache, valid)
+    col = torch.tensor([T], device=idx.device)  # (1,): the next column, advanced in place
+    pos = positions[:, -1:] + 1  # (B, 1): every row's last column is a real token
+    cuda_graphs = compile and idx.device.type == "cuda"
+    fn = _compiled_step(model, cuda_graphs) if compile else model.forward_static
+
+    def advance(nxt: torch.Tensor) -> torch.Tensor:
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        out = fn(nxt[:, None], pos, col, cache)
+        pos.add_(1)
+        col.add_(1)
+        return out
+
+    return logits, advance
+
+
+# One StaticKVCache per model, reused while (batch, slots, dtype) stay the same, so a compiled
+# step (whose guards and CUDA graphs hold the buffers) is not compiled again for every call.
+_STATIC: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+STATIC_SLOTS = 256  # compiled steps round the cache up to a multiple of this (fewer recompiles)
+
+
+def _static_cache(model: Gemma3ForCausalLM, B: int, length: int, compile: bool) -> StaticKVCache:
+    if compile:
+        length = min(-(-length // STATIC_SLOTS) * STATIC_SLOTS, model.config.context_length)
+    weight = model.model.embed_tokens.weight
+    key = (B, length, weight.dtype, weight.device)
+    held = _STATIC.get(model)
+    if held is not None and held[0] == key:
+        held[1].reset()
+        return held[1]
+    cache = StaticKVCache(model.config, B, length, weight.dtype, weight.device)
+    if compile and weight.device.type == "cuda":
+        for buf in cache.buffers():  # CUDA graphs may write them in place: fixed addresses
+            torch._dynamo.mark_static_address(buf)
+    _STATIC[model] = (key, cache)
+    return cache
+
+
+def _compiled_step(model: Gemma3ForCausalLM, cuda_graphs: bool) -> Step:
+    """torch.compile of `forward_static`, once per model (CUDA graphs on CUDA)."""
+    fn = _COMPILED.get(model)
+    if fn is None:
+        mode = "reduce-overhead" if cuda_graphs else None
+        fn = torch.compile(model.forward_static, mode=mode, fullgraph=True, dynamic=False)
+        _COMPILED[model] = fn
+    return fn
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -37,12 +37,27 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
+        self._scale: torch.Tensor | None = None  # 1 + w in fp32, kept between inference calls
+        self._scale_key: tuple = ()
+
+    def scale(self) -> torch.Tensor:
+        """1 + w in fp32. Without autograd it is computed once per weight version (decoding calls
+        each norm once per token: the add was a third of the norm's time at batch 1)."""
+        w = self.weight
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and w.requires_grad):
+            return 1.0 + w.float()
+        # Inference tensors have no version counter (and are not trained in place).
+        key = (w.data_ptr(), -1 if w.is_inference() else w._version, w.dtype, w.device)
+        if key != self._scale_key:
+            self._scale, self._scale_key = 1.0 + w.detach().float(), key
+        return self._scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x * rsqrt(mean(x^2) + eps) * (1 + w) in fp32, in one fused op (bit-identical to the
-        # five-op form; `.float()` is a no-op in fp32).
-        out = F.rms_norm(x.float(), (x.shape[-1],), 1.0 + self.weight.float(), self.eps)
-        return out.to(x.dtype)
+        # x * rsqrt(mean(x^2) + eps) * (1 + w) in fp32, in one op (bit-identical to the
+        # five-op form).
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.scale(), self.eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.scale(), self.eps).to(x.dtype)
 
 
 def rope_cos_sin(
@@ -89,6 +104,12 @@ def attention_mask(
     return allowed[:, None]
 
 
+def apply_rope_signed(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` with the rotation's sign folded into the table (sin_signed = [-sin1, sin2]):
+    four ops instead of six, bit-identical ((-a) * b == a * (-b) in floating point)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
+
+
 @dataclass
 class LayerPlan:
     """What every layer of one type needs for this forward pass, built once per type.
@@ -106,6 +127,8 @@ class LayerPlan:
     mask: torch.Tensor | None = None
     decode: bool = False
     decode_bias: torch.Tensor | None = None
+    static_cols: torch.Tensor | None = None  # (T,) columns written this step (StaticKVCache)
+    static_bias: torch.Tensor | None = None  # (B, 1, 1, T, S) additive mask over every slot
 
 
 class KVCache:
@@ -179,7 +202,8 @@ class KVCache:
                 bias = bias[:, None, None, :]  # (B, 1, 1, S)
             return {"decode": True, "decode_bias": bias}
         if layer_type == SLIDING:
-            k_cols = torch.cat((self.ring_cols, q_cols))
+            # The first step (the prompt) has an empty ring: its keys are its own only.
+            k_cols = q_cols if self.start == 0 else torch.cat((self.ring_cols, q_cols))
         else:
             k_cols = torch.arange(self.start + T, device=device)
         k_valid = self.valid[:, k_cols.clamp(min=0)]
@@ -210,6 +234,9 @@ class KVCache:
             return ck[..., :end], cv[:, :, :end]
         if T == 1:
             return ck, cv  # the caller writes with write_ring once attention has read the slots
+        if self.start == 0:  # nothing in the ring yet: attend to the new keys only
+            self.write_ring(layer, k, v)
+            return k.transpose(-1, -2), v
         keys_t, values = torch.cat((ck, k.transpose(-1, -2)), dim=-1), torch.cat((cv, v), dim=2)
         self.write_ring(layer, k, v)
         return keys_t, values
@@ -251,6 +278,68 @@ class KVCache:
         return torch.where(valid, pos, torch.full_like(pos, -1))
 
 
+class StaticKVCache(nn.Module):
+    """Fixed-shape cache for graph capture: `torch.compile(mode="reduce-overhead")` / CUDA graphs.
+
+    Every layer keeps `max_len` columns (the sliding window is applied by the mask, not by a
+    ring), the step's columns and positions arrive as tensors, and the masks and RoPE tables are
+    computed from them, so a one-token step runs the same kernels on the same buffers every time.
+    The buffers are module buffers (not inputs), so a captured graph may write them in place.
+    Batch rows are left-padded: `valid` (B, max_len) marks the real columns.
+    """
+
+    def __init__(
+        self, cfg: Config, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.window = cfg.sliding_window
+        self.max_len = max_len
+        B, hd, kw = batch_size, cfg.head_dim, dict(dtype=dtype, device=device)
+        for i in range(cfg.n_layers):  # keys transposed, as in KVCache: (B, n_kv, hd, S)
+            self.register_buffer(
+                f"k_t{i}", torch.zeros(B, cfg.n_kv_heads, hd, max_len, **kw), False
+            )
+            self.register_buffer(f"v{i}", torch.zeros(B, cfg.n_kv_heads, max_len, hd, **kw), False)
+        self.register_buffer(
+            "valid", torch.zeros(B, max_len, dtype=torch.bool, device=device), False
+        )
+        self.register_buffer("key_cols", torch.arange(max_len, device=device), False)
+        all_pos = torch.arange(max_len, device=device)[None]
+        for lt in sorted(set(cfg.layer_types)):  # RoPE tables for every position this cache holds
+            base = cfg.rope_local_base if lt == SLIDING else cfg.rope_base
+            cos, sin = rope_cos_sin(all_pos, hd, base, dtype)  # (1, 1, S, hd)
+            sign = torch.ones(hd, dtype=dtype, device=device)
+            sign[: hd // 2] = -1
+            self.register_buffer(f"cos_{lt}", cos[0, 0], False)
+            self.register_buffer(f"sin_{lt}", sin[0, 0] * sign, False)  # for apply_rope_signed
+
+    def reset(self) -> None:
+        """Forget every column (the buffers are reused by the next generation)."""
+        self.valid.zero_()
+
+    def plan(self, layer_type: str, cols: torch.Tensor, positions: torch.Tensor) -> LayerPlan:
+        """RoPE rows for `positions` (B, T) and the additive mask for queries at `cols` (T,)."""
+        cos = getattr(self, f"cos_{layer_type}")[positions][:, None]  # (B, 1, T, hd)
+        sin = getattr(self, f"sin_{layer_type}")[positions][:, None]
+        back = cols[:, None] - self.key_cols[None]  # (T, S): how far back each slot is
+        ok = back >= 0
+        if layer_type == SLIDING:
+            ok = ok & (back < self.window)
+        ok = ok[None] & self.valid[:, None, :]  # (B, T, S)
+        ok = ok | ~ok.any(dim=-1, keepdim=True)  # a padding query sees everything (unused)
+        bias = torch.zeros(ok.shape, device=ok.device).masked_fill(~ok, float("-inf"))
+        return LayerPlan(cos, sin, static_cols=cols, static_bias=bias[:, None, None])
+
+    def store(
+        self, layer: int, cols: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, n_kv, T, hd) at `cols`; return every slot's keys (transposed) and values."""
+        k_t, cv = getattr(self, f"k_t{layer}"), getattr(self, f"v{layer}")
+        k_t.index_copy_(3, cols, k.transpose(-1, -2))
+        cv.index_copy_(2, cols, v)
+        return k_t, cv
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Config, layer_type: str, layer_idx: int) -> None:
         super().__init__()
@@ -276,9 +365,12 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, plan.cos, plan.sin), apply_rope(k, plan.cos, plan.sin)
+        rope = apply_rope if plan.static_cols is None else apply_rope_signed
+        q, k = rope(q, plan.cos, plan.sin), rope(k, plan.cos, plan.sin)
 
-        if plan.decode:
+        if plan.static_cols is not None:
+            y = self._static_step(q, k, v, plan, cache)  # (B, nh, T, hd)
+        elif plan.decode:
             y = self._decode_step(q, k, v, plan.decode_bias, cache)  # (B, nh, 1, hd)
         else:
             if cache is not None:
@@ -334,6 +426,28 @@ class Attention(nn.Module):
         else:
             y = p @ cv
         return y.view(B, self.n_heads, 1, self.head_dim)
+
+    def _static_step(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        plan: LayerPlan,
+        cache: StaticKVCache,
+    ) -> torch.Tensor:
+        """T new tokens against every slot of a `StaticKVCache` (masked), softmax in fp32.
+
+        The same math as `_decode_step`, over fixed shapes: query heads sharing a KV head are
+        rows of one matmul, and masked slots get exactly zero weight.
+        """
+        B, _, T, hd = q.shape
+        rep = self.n_heads // self.n_kv
+        k_t, cv = cache.store(self.layer_idx, plan.static_cols, k, v)  # (B,nkv,hd,S), (B,nkv,S,hd)
+        qg = q.reshape(B, self.n_kv, rep * T, hd)  # (B, nkv, rep*T, hd)
+        scores = (qg @ k_t).view(B, self.n_kv, rep, T, -1)  # (B, nkv, rep, T, S)
+        scores = torch.add(plan.static_bias, scores.float(), alpha=self.scale)
+        p = scores.softmax(dim=-1).to(cv.dtype).view(B, self.n_kv, rep * T, -1)
+        return (p @ cv).view(B, self.n_heads, T, hd)
 
 
 class MLP(nn.Module):
@@ -462,8 +576,30 @@ class Gemma3ForCausalLM(nn.Module):
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
         """An empty cache for `batch_size` rows and up to `max_len` tokens (default: context)."""
-        device = self.lm_head.weight.device
+        device = self.model.embed_tokens.weight.device
         return KVCache(self.config, batch_size, max_len or self.config.context_length, device)
+
+    def forward_static(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor,
+        cols: torch.Tensor,
+        cache: StaticKVCache,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, vocab_size) of the last column, for tokens `idx` (B, T) written at cache
+        columns `cols` (T,) with RoPE `positions` (B, T); `valid` (B, T) marks padding (default:
+        all real). Shapes depend only on (B, T), so the one-token step can be graph-captured."""
+        cfg = self.config
+        new_valid = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid
+        cache.valid.index_copy_(1, cols, new_valid)
+        x = self.model.embed_tokens(idx)  # (B, T, emb_dim)
+        x = x * torch.tensor(math.sqrt(cfg.emb_dim), dtype=x.dtype, device=x.device)
+        plans = {lt: cache.plan(lt, cols, positions) for lt in set(cfg.layer_types)}
+        for layer in self.model.layers:
+            x = layer(x, plans[layer.layer_type], cache)
+        logits = self.lm_head(self.model.norm(x[:, -1]))  # (B, padded_vocab_size)
+        return logits[:, : cfg.vocab_size]
 
     def _plans(
         self,
@@ -530,10 +666,11 @@ class Gemma3ForCausalLM(nn.Module):
         x = self.model.norm(x)
         if targets is not None:
             h = x.reshape(B * T, cfg.emb_dim)
-            if torch.compiler.is_compiling():
+            if torch.compiler.is_compiling() or not isinstance(self.lm_head, nn.Linear):
                 # Under torch.compile the chunk loop would be unrolled into the graph: on an H100
                 # that made compilation and the step slower as the micro-batch grew (RESULTS.md,
                 # GPU). Inductor fuses the cast and log-softmax of the plain form instead.
+                # An int8 head (gemma3.quant) has no float weight for the chunked loss either.
                 logits = self.lm_head(h)[:, : cfg.vocab_size].float()  # (B*T, vocab_size)
                 return None, F.cross_entropy(logits, targets.reshape(-1), ignore_index=-100)
             loss = chunked_loss(

@@ -27,6 +27,8 @@ HUB_SOURCE = "roneneldan/TinyStories"
 PINNED_REVISION = "7dfb18bd830e361f237a94bcdb466bc6e7b09050"
 # train.precision: resolved per machine by gemma3.runtime.resolve_precision.
 PRECISIONS = ("auto", "fp32", "bf16-autocast", "bf16-pure")
+# sample.dtype: auto = train.precision's policy; int8 = int8 linear layers (CPU only, gemma3.quant).
+SAMPLE_DTYPES = ("auto", "fp32", "bf16", "int8")
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ class SampleParams:
     top_p: float = 0.95
     seed: int = 1337
     stop_at_eot: bool = True
+    dtype: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -318,7 +321,8 @@ def _check_train(t: TrainParams, file: str) -> None:
         v = getattr(t, name)
         if v not in allowed and not (name == "device" and str(v).startswith("cuda:")):
             words = ", ".join(str(a).lower() for a in allowed)
-            raise _err(file, f"train.{name}", f"must be one of {words}, got {v!r}")
+            hint = "; int8 is for generation only (sample.dtype)" if v == "int8" else ""
+            raise _err(file, f"train.{name}", f"must be one of {words}, got {v!r}{hint}")
     if t.vocab_pad_multiple != "auto" and (
         not isinstance(t.vocab_pad_multiple, int) or t.vocab_pad_multiple < 1
     ):
@@ -340,6 +344,10 @@ def _check_eval_sample(p: Params, file: str) -> None:
     _positive(file, s, "top_k", "sample.top_k")
     if not 0 < s.top_p <= 1:
         raise _err(file, "sample.top_p", f"must be in (0, 1], got {s.top_p}")
+    if s.dtype not in SAMPLE_DTYPES:
+        raise _err(
+            file, "sample.dtype", f"must be one of {', '.join(SAMPLE_DTYPES)}, got {s.dtype!r}"
+        )
 
 
 class ParamsLoader(yaml.SafeLoader):

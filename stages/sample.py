@@ -8,6 +8,7 @@ from gemma3.fileio import atomic_write_json, atomic_write_text
 from gemma3.generate import generate
 from gemma3.hf import load_checkpoint, read_meta
 from gemma3.params import load_params
+from gemma3.quant import check_int8_device, quantize_int8
 from gemma3.runtime import autocast, resolve_device, resolve_precision, weight_dtype
 from gemma3.tokenizer import EOT_ID, decode, encode
 
@@ -18,29 +19,37 @@ def main() -> None:
     p = load_params()
     s = p.sample
     device = resolve_device(p.train.device)
-    precision = resolve_precision(p.train.precision, device)  # the policy training used
+    if s.dtype == "int8":
+        check_int8_device(device, "params.yaml: sample.dtype")
+    if s.dtype == "auto":
+        precision = resolve_precision(p.train.precision, device)  # the policy training used
+    else:
+        precision = "bf16-pure" if s.dtype == "bf16" else "fp32"
     model = load_checkpoint(CKPT, device=device, dtype=weight_dtype(precision))
+    if s.dtype == "int8":
+        model = quantize_int8(model, inplace=True)
     ckpt = read_meta(CKPT)
-    samples = []
-    for i, prompt in enumerate(s.prompts):
-        with autocast(precision, device):
-            new = generate(
-                model,
-                [encode(prompt)],
-                max_new_tokens=s.max_new_tokens,
-                temperature=s.temperature,
-                top_k=s.top_k,
-                top_p=s.top_p,
-                seed=s.seed + i,
-                stop_token=EOT_ID if s.stop_at_eot else None,
-            )[0]
-        samples.append(
-            {
-                "prompt": prompt,
-                "completion": decode([t for t in new if t != EOT_ID]),
-                "tokens": len(new),
-            }
+    # One batch: row i samples from its own generator seeded with sample.seed + i, so each story
+    # is the one its prompt gives alone with that seed.
+    with autocast(precision, device):
+        stories = generate(
+            model,
+            [encode(prompt) for prompt in s.prompts],
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            seed=s.seed,
+            stop_token=EOT_ID if s.stop_at_eot else None,
         )
+    samples = [
+        {
+            "prompt": prompt,
+            "completion": decode([t for t in new if t != EOT_ID]),
+            "tokens": len(new),
+        }
+        for prompt, new in zip(s.prompts, stories, strict=True)
+    ]
 
     lines = [
         "# Samples",

@@ -549,6 +549,19 @@ PARAMS_CASES = [
         "train.device: must be one of auto, cpu, cuda, mps, got 'gpu'",
     ),
     case(
+        "params-sample-dtype-unknown",
+        "sample",
+        params(sample={"dtype": "int4"}),
+        "sample.dtype: must be one of auto, fp32, bf16, int8, got 'int4'",
+    ),
+    case(
+        "params-train-precision-int8",
+        "train",
+        params(train={"precision": "int8"}),
+        "train.precision: must be one of auto, fp32, bf16-autocast, bf16-pure, got 'int8'; "
+        "int8 is for generation only (sample.dtype)",
+    ),
+    case(
         "params-top-p-zero",
         "download",
         params(sample={"top_p": 0}),
