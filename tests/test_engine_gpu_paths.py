@@ -84,7 +84,7 @@ def test_auto_split_keeps_the_recipe_on_cpu_and_fills_a_gpu() -> None:
 # ---- validation: large passes, summed on the device, equal to the plain per-batch loss --------
 
 
-@pytest.mark.parametrize("eval_batch_size", ["auto", 3, 4, 24])
+@pytest.mark.parametrize("eval_batch_size", ["auto", 5, 24])  # 24 rows: 5 leaves a pass of 4
 def test_fast_validation_matches_the_per_batch_reference(
     tmp_path: Path, eval_batch_size: Any
 ) -> None:
