@@ -169,8 +169,14 @@ def make_workspace(root: Path, n_train: int, n_val: int) -> None:
         elif src.exists():
             shutil.copy2(src, dst)
     shutil.copy2(REPO / "params.yaml", root / "params.yaml")
+    # The pipeline here is the train stage alone, unchanged: its data/tokens are made below, not
+    # by download + tokenize (whose missing outputs `dvc exp run` would otherwise clear).
+    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))
+    pipeline["stages"] = {"train": pipeline["stages"]["train"]}
+    (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False), encoding="utf-8")
     tokens = root / "data" / "tokens"
     tokens.mkdir(parents=True)
+    (root / "data" / ".gitignore").write_text("/tokens\n", encoding="utf-8")  # not for git
     zipf_tokens(n_train, 50257, 0).tofile(tokens / "train.bin")
     zipf_tokens(n_val, 50257, 1).tofile(tokens / "validation.bin")
     split = {"tokens": 0, "stories": 0, "bytes": 0}
@@ -195,15 +201,14 @@ def tool_env(root: Path) -> dict[str, str]:
 
 def stage_settings(args: argparse.Namespace) -> list[str]:
     """`-S` overrides: the seed recipe, max_steps shortened (tiny and fewer rows on --dry-run)."""
-    s = dvc_set_args(load_recipe("seed-270m"))
-    s += ["-S", f"train.max_steps={args.stage_steps}", "-S", "train.log_interval=4"]
-    s += ["-S", "tracking.enabled=false", "-S", "data.source=synthetic"]
+    recipe = load_recipe("seed-270m")
+    recipe |= {"train.max_steps": args.stage_steps, "train.log_interval": 4}
+    recipe |= {"tracking.enabled": False, "data.source": "synthetic"}
     if args.dry_run:
-        s += ["-S", "model.preset=gemma3-tiny", "-S", "train.batch_size=4"]
-        s += ["-S", "train.grad_accum=4", "-S", "train.block_size=32", "-S", "train.warmup_steps=2"]
-        s += ["-S", "train.eval_interval=4", "-S", "train.eval_batches=4"]
-        s += ["-S", "train.log_interval=2"]
-    return s
+        recipe |= {"model.preset": "gemma3-tiny", "train.batch_size": 4, "train.grad_accum": 4}
+        recipe |= {"train.block_size": 32, "train.warmup_steps": 2, "train.eval_interval": 4}
+        recipe |= {"train.eval_batches": 4, "train.log_interval": 2}
+    return dvc_set_args(recipe)
 
 
 def run_stage(args: argparse.Namespace, root: Path, timeout: float) -> tuple[str, float]:
@@ -261,7 +266,9 @@ def stage_rows(args: argparse.Namespace, budget: float) -> Path | None:
     tokens_per_step = m["tokens"] / m["steps"]
     ROWS.append(
         {
-            "what": f"train stage, `{how}`, seed recipe {args.stage_steps} steps, "
+            "what": f"train stage, `{how}`, seed recipe {args.stage_steps} steps"
+            + (" (tiny preset)" if args.dry_run else "")
+            + ", "
             f"{m['precision']}, micro-batch {m.get('micro_batch')}",
             "tokens/s": tps,
             "MFU": fpt * tps / peak if peak else None,
