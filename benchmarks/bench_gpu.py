@@ -425,7 +425,7 @@ def write_results(path: Path, header: str, body: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--budget", type=float, default=320, help="seconds; later sections skip")
+    ap.add_argument("--budget", type=float, default=300, help="seconds; later sections skip")
     ap.add_argument("--stage-steps", type=int, default=48, help="train stage max_steps")
     ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps per bench row")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny preset: tests the script")

