@@ -1,64 +1,137 @@
-"""GPU benchmark for the 270M preset: training tokens/s and MFU, peak memory, decode tokens/s.
+"""GPU benchmark: the 270M train stage through `dvc exp run`, the step's split and compile rows,
+decode rows, peak memory; one table, and the GPU section of benchmarks/RESULTS.md.
 
-Made for a lent GPU machine without network (see benchmarks/gpu.sh): it needs only torch, the
-repository on PYTHONPATH and, for the side-by-side rows, transformers. Token ids are drawn in the
-script from a Zipf-like distribution over the GPT-2 vocabulary (the shape of real TinyStories
-batches: uint16 ids, block 128), so no data set is needed. Every section is guarded: a failure
-prints one line and the next section runs, and sections are skipped once `--budget` seconds pass.
+Made for a lent GPU machine without network (see benchmarks/gpu.sh), within a time budget:
+sections run in order of what they tell, each in its own guard (a failure prints one line and the
+next section runs), and a section that would not fit in the time left is skipped, so the table
+always prints. `--dry-run` (or GEMMA3_GPU_BENCH_DEVICE=cpu) runs the same path on the CPU with the
+tiny preset and a few steps, to test the script itself; it never writes RESULTS.md.
 
-MFU = achieved training FLOP/s / the card's dense bf16 peak, with FLOPs per token from
-`Config.flops_per_token` (6 x matmul params + attention; ~0.82 GFLOP/token at block 128). The
-measured 8192^3 bf16 matmul rate is printed too, as the practical ceiling.
+Rows:
+- the train stage itself: a temp git + DVC copy of this repository, synthetic Zipf-distributed
+  tokens (GPT-2 vocabulary) written there as data/tokens, `dvc exp run -s train` with the seed
+  recipe (`gemma3 recipe seed-270m`) and max_steps shortened; tokens/s and MFU are the stage's
+  own (plots/train.csv, metrics/train.json), steady state = median of the logged intervals after
+  the first (which holds compilation). Without dvc or git it runs `python -m stages.train` there
+  and says so.
+- the same optimizer step (131,072 tokens) in this script's own loop: eager at the stage's
+  micro-batch, compiled at the recipe's 32 x 32 split.
+- decode at batch 1 and 32, ours vs transformers, from benchmarks/bench_gpu_decode.py when it
+  is in this build.
+
+MFU = training FLOPs (`Config.flops_per_token`, 6 x matmul params + attention) x tokens/s over
+the card's dense bf16 peak; validation counts forward FLOPs only (a third).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
+import json
 import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+import yaml
 
-from gemma3.config import Config
-from gemma3.model import Gemma3ForCausalLM
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12))
+from gemma3.config import Config  # noqa: E402
+from gemma3.model import Gemma3ForCausalLM  # noqa: E402
+from gemma3.recipes import dvc_set_args, load_recipe  # noqa: E402
+from gemma3.runtime import peak_flops  # noqa: E402
+
 ROWS: list[dict[str, Any]] = []
+NOTES: list[str] = []
 T0 = time.perf_counter()
+BEGIN, END = "<!-- gpu.sh: begin -->", "<!-- gpu.sh: end -->"
+# The files a pipeline copy needs (as tests/dvcrepo.py copies them).
+PROJECT_FILES = ("gemma3", "stages", "dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config")
+TOOL_ENV = {
+    "PYTHONUNBUFFERED": "1",
+    "DVC_NO_ANALYTICS": "1",
+    "GIT_AUTHOR_NAME": "gpu.sh",
+    "GIT_AUTHOR_EMAIL": "gpu.sh@localhost",
+    "GIT_COMMITTER_NAME": "gpu.sh",
+    "GIT_COMMITTER_EMAIL": "gpu.sh@localhost",
+}
 
 
 def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
 
 
-def peak_flops() -> float | None:
-    name = torch.cuda.get_device_name()
-    return next((f for key, f in PEAK_BF16 if key in name), None)
+def left(budget: float) -> float:
+    return budget - (time.perf_counter() - T0)
 
 
-def zipf_tokens(n: int, vocab: int, device: torch.device) -> torch.Tensor:
-    """Token ids with a Zipf(1.1)-like frequency profile, like text; uint16 on disk, int64 here."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    ranks = torch.arange(1, vocab + 1, dtype=torch.float64)
-    probs = ranks.pow(-1.1)
-    ids = torch.multinomial(probs / probs.sum(), n, replacement=True, generator=g)
-    perm = torch.randperm(vocab, generator=g)  # frequent ids spread over the vocabulary
-    return perm[ids].to(torch.int32).to(device)
+@contextlib.contextmanager
+def section(name: str, budget: float, needs: float) -> Iterator[bool]:
+    """Run a section if `needs` seconds are left; a failure is one line, the rest still runs."""
+    if left(budget) < needs:
+        log(f"SKIPPED {name}: {left(budget):.0f}s left of the budget, it needs ~{needs:.0f}s")
+        NOTES.append(f"{name}: skipped (time budget)")
+        yield False
+        return
+    log(f"--- {name}")
+    try:
+        yield True
+    except Exception as e:  # one section failing must not lose the others
+        first = (str(e).strip().splitlines() or [""])[-1][:300]
+        log(f"FAILED {name}: {type(e).__name__}: {first}")
+        NOTES.append(f"{name}: failed ({type(e).__name__}: {first})")
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
-def batches(data: torch.Tensor, bs: int, block: int) -> Callable[[], tuple[torch.Tensor, ...]]:
-    def get() -> tuple[torch.Tensor, torch.Tensor]:
-        ix = torch.randint(0, data.numel() - block - 1, (bs,), device=data.device)
-        offs = torch.arange(block + 1, device=data.device)
-        chunk = data[ix[:, None] + offs].long()
-        return chunk[:, :-1], chunk[:, 1:]
+# ---- what runs where ----------------------------------------------------------------------
 
-    return get
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "dvc"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - absent or broken: say so in the table's header
+            out[name] = "not installed"
+    if torch.cuda.is_available():
+        out["cuda"] = str(torch.version.cuda)
+        with contextlib.suppress(Exception):
+            smi = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+            out["driver"] = subprocess.run(smi, capture_output=True, text=True).stdout.strip()
+    return out
+
+
+def commit() -> str:
+    given = os.environ.get("GEMMA3_COMMIT")
+    if given:
+        return given
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True
+        )
+        if rev.returncode == 0:
+            return rev.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout else "")
+    except OSError:
+        pass
+    return "unknown (no git here; pass GEMMA3_COMMIT)"
 
 
 def matmul_tflops() -> float:
@@ -66,378 +139,355 @@ def matmul_tflops() -> float:
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
-    torch.cuda.synchronize()
-    t = time.perf_counter()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
     for _ in range(10):
         a @ b
+    end.record()
     torch.cuda.synchronize()
-    return 2 * 8192**3 * 10 / (time.perf_counter() - t) / 1e12
+    return 2 * 8192**3 * 10 / (start.elapsed_time(end) / 1e3) / 1e12
 
 
-def param_groups(model: torch.nn.Module, wd: float) -> list[dict[str, Any]]:
-    params = list({id(p): p for p in model.parameters()}.values())
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": wd},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+# ---- the train stage through dvc exp run --------------------------------------------------
+
+
+def zipf_tokens(n: int, vocab: int, seed: int) -> np.ndarray:
+    """Token ids with a Zipf(1.1)-like frequency profile, like text (uint16, as tokenize writes)."""
+    rng = np.random.default_rng(seed)
+    probs = np.arange(1, vocab + 1, dtype=np.float64) ** -1.1
+    ids = rng.choice(vocab, size=n, p=probs / probs.sum())
+    return rng.permutation(vocab).astype(np.uint16)[ids]  # frequent ids spread over the vocab
+
+
+def make_workspace(root: Path, n_train: int, n_val: int) -> None:
+    """A copy of the pipeline (committed to git when git is here) with synthetic data/tokens."""
+    for name in PROJECT_FILES:
+        src, dst = REPO / name, root / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy2(src, dst)
+    shutil.copy2(REPO / "params.yaml", root / "params.yaml")
+    # The pipeline here is the train stage alone, unchanged: its data/tokens are made below, not
+    # by download + tokenize (whose missing outputs `dvc exp run` would otherwise clear).
+    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))
+    pipeline["stages"] = {"train": pipeline["stages"]["train"]}
+    (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False), encoding="utf-8")
+    tokens = root / "data" / "tokens"
+    tokens.mkdir(parents=True)
+    (root / "data" / ".gitignore").write_text("/tokens\n", encoding="utf-8")  # not for git
+    zipf_tokens(n_train, 50257, 0).tofile(tokens / "train.bin")
+    zipf_tokens(n_val, 50257, 1).tofile(tokens / "validation.bin")
+    split = {"tokens": 0, "stories": 0, "bytes": 0}
+    meta = {"train": {**split, "tokens": n_train}, "validation": {**split, "tokens": n_val}}
+    meta |= {"vocab_size": 50257, "dtype": "uint16", "eot": True, "eot_id": 50256}
+    meta |= {"tokenizer": "gpt2", "source": {"synthetic-zipf": True}}
+    (tokens / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
+def tool_env(root: Path) -> dict[str, str]:
+    """`python` on PATH is this interpreter (dvc.yaml runs `python -m stages.train`)."""
+    bindir = root.parent / "bin"
+    bindir.mkdir(exist_ok=True)
+    # A wrapper, not a symlink: a venv's interpreter reached through a link elsewhere would not
+    # find its own site-packages.
+    (bindir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n', encoding="utf-8")
+    (bindir / "python").chmod(0o755)
+    env = {**os.environ, **TOOL_ENV}
+    env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def stage_settings(args: argparse.Namespace) -> list[str]:
+    """`-S` overrides: the seed recipe, max_steps shortened (tiny and fewer rows on --dry-run)."""
+    recipe = load_recipe("seed-270m")
+    recipe |= {"train.max_steps": args.stage_steps, "train.log_interval": 4}
+    recipe |= {"tracking.enabled": False, "data.source": "synthetic"}
+    if args.dry_run:
+        recipe |= {"model.preset": "gemma3-tiny", "train.batch_size": 4, "train.grad_accum": 4}
+        recipe |= {"train.block_size": 32, "train.warmup_steps": 2, "train.eval_interval": 4}
+        recipe |= {"train.eval_batches": 4, "train.log_interval": 2}
+    return dvc_set_args(recipe)
+
+
+def run_stage(args: argparse.Namespace, root: Path, timeout: float) -> tuple[str, float]:
+    """`dvc exp run -s train` in a git + DVC copy; `python -m stages.train` without dvc/git."""
+    env, sets = tool_env(root), stage_settings(args)
+    have_dvc = subprocess.run([sys.executable, "-c", "import dvc"], capture_output=True)
+    how = "dvc exp run -s train"
+    if shutil.which("git") is None or have_dvc.returncode != 0:
+        how = "python -m stages.train (no dvc/git here)"
+        NOTES.append("train stage: dvc or git missing, ran `python -m stages.train` directly")
+        from gemma3.params import ParamsLoader
+        from gemma3.recipes import apply
+
+        params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
+        pairs = (s.split("=", 1) for s in sets[1::2])  # sets is ["-S", "key=value", ...]
+        flat = {k: yaml.load(v, Loader=ParamsLoader) for k, v in pairs}  # noqa: S506
+        text = yaml.safe_dump(apply(params, flat), sort_keys=False)
+        (root / "params.yaml").write_text(text, encoding="utf-8")
+        cmd = [sys.executable, "-m", "stages.train"]
+    else:
+        for c in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "gpu.sh"]):
+            subprocess.run(c, cwd=root, env=env, check=True, capture_output=True)
+        cmd = [sys.executable, "-m", "dvc", "exp", "run", "-s", "train", *sets]
+    log(f"{how}: {' '.join(sets)}")
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - t
+    (Path(os.environ.get("OUT", root)) / "train_stage.log").write_text(
+        proc.stdout + "\n--- stderr ---\n" + proc.stderr, encoding="utf-8"
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{how} exit {proc.returncode}: {proc.stderr.strip()[-600:]}")
+    return how, wall
+
+
+def stage_rows(args: argparse.Namespace, budget: float) -> Path | None:
+    root = Path(tempfile.mkdtemp(prefix="gemma3-gpu-stage-")) / "repo"
+    root.mkdir()
+    n = 20_000 if args.dry_run else 10_000_000
+    make_workspace(root, n_train=n, n_val=max(n // 20, 20_000))
+    how, wall = run_stage(args, root, timeout=max(30.0, left(budget) - 20))
+    m = json.loads((root / "metrics/train.json").read_text(encoding="utf-8"))["train"]
+    with open(root / "plots/train.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    log(f"stage: {wall:.0f}s wall; metrics {m}")
+    for r in rows:
+        log("  " + ", ".join(f"{k}={v}" for k, v in r.items() if v))
+    # Steady state: the logged intervals after the first (which holds compilation).
+    steady = [float(r["tokens_per_s"]) for r in rows[1:] if r["tokens_per_s"]]
+    tps = statistics.median(steady) if steady else float(m["tokens_per_s"] or 0)
+    peak = peak_flops(torch.device(args.device))
+    preset, block = ("gemma3-tiny", 32) if args.dry_run else ("gemma3-270m", 128)
+    pad = 64 if args.device == "cuda" else 1  # train.vocab_pad_multiple: auto
+    fpt = Config.from_name(preset, vocab_pad_multiple=pad).flops_per_token(block)
+    tokens_per_step = m["tokens"] / m["steps"]
+    ROWS.append(
+        {
+            "what": f"train stage, `{how}`, seed recipe {args.stage_steps} steps"
+            + (" (tiny preset)" if args.dry_run else "")
+            + ", "
+            f"{m['precision']}, micro-batch {m.get('micro_batch')}",
+            "tokens/s": tps,
+            "MFU": fpt * tps / peak if peak else None,
+            "ms/step": 1e3 * tokens_per_step / tps if tps else None,
+            "peak GiB": m.get("peak_memory_gib"),
+            "notes": f"{wall:.0f}s stage wall (compile included); final loss "
+            f"{m['final_train_loss']}",
+        }
+    )
+    if m.get("val_tokens_per_s"):
+        vt = float(m["val_tokens_per_s"])
+        ROWS.append(
+            {
+                "what": "train stage validation (forward only, inference mode)",
+                "tokens/s": vt,
+                "MFU": m.get("val_mfu"),
+                "notes": f"{m['steps']} steps' last validation pass",
+            }
+        )
+        if not args.dry_run and tps:
+            # The seed's 1,875 steps x 131,072 tokens, plus 118 validations of 500 x 32 x 128
+            # (every 16 steps and at the end).
+            sec = 245_760_000 / tps + (1875 // 16 + 1) * 500 * 32 * 128 / vt
+            NOTES.append(
+                f"seed recipe projected from these measured rates: {sec / 60:.1f} min "
+                "(245,760,000 training tokens + 118 validations of 2,048,000 tokens; "
+                "checkpoint writes and compilation not included)"
+            )
+    best = root / "checkpoints" / "best"
+    return best if best.is_dir() else None
+
+
+# ---- the step in this script's own loop ---------------------------------------------------
 
 
 def train_rate(
     label: str,
     model: torch.nn.Module,
-    loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
-    get: Callable[[], tuple[torch.Tensor, ...]],
-    tokens_per_step: int,
-    flops_per_token: float,
+    micro: int,
+    accum: int,
+    block: int,
+    device: str,
     *,
-    compile_model: bool,
-    warmup: int,
+    compiled: bool,
     steps: int,
-    accum: int = 1,
-    mode: str | None = None,
-) -> dict[str, Any]:
-    """Warm-up steps (compilation included), then `steps` optimizer steps timed with CUDA events.
+    fpt: float,
+) -> None:
+    """One warm-up step (compilation included), then `steps` timed optimizer steps.
 
-    One step = `accum` micro-batches (forward + backward), clipping, fused AdamW, zero_grad;
-    `tokens_per_step` counts all of its micro-batches.
+    Each step is `accum` forward/backward passes of `micro` x `block` tokens, clipping and fused
+    AdamW, with nothing read back to the host, as in gemma3.train.
     """
+    from gemma3.train import param_groups
+
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), fused=True)
-    run = torch.compile(model, mode=mode) if compile_model else model
-    torch.cuda.reset_peak_memory_stats()
+    run = torch.compile(model, dynamic=False) if compiled else model
+    gen = torch.Generator(device=device).manual_seed(0)
+    vocab = model.config.vocab_size
+    data = torch.randint(0, vocab, (accum, micro, block + 1), device=device, generator=gen)
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
 
     def step() -> torch.Tensor:
-        for _ in range(accum):
-            if mode == "reduce-overhead":
-                torch.compiler.cudagraph_mark_step_begin()
-            x, y = get()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = loss_fn(run, x, y)
+        total = torch.zeros((), device=device)
+        for w in data:
+            with torch.autocast(device, dtype=torch.bfloat16):
+                loss = run(w[:, :-1], w[:, 1:])[1]
             (loss / accum).backward()
+            total += loss.detach().float()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach().clone()  # CUDA-graph outputs are overwritten by the next replay
+        return total / accum
 
     t = time.perf_counter()
-    for _ in range(warmup):
-        loss = step()
-    torch.cuda.synchronize()
-    warm_s = time.perf_counter() - t
-    losses = []
-    start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        losses.append(step())
-    end.record()
-    torch.cuda.synchronize()
-    sec = start.elapsed_time(end) / 1e3
-    tps = tokens_per_step * steps / sec
-    peak = peak_flops()
-    loss = float(torch.stack(losses).float().mean())
+    step()
+    if cuda:
+        torch.cuda.synchronize()
+    warm = time.perf_counter() - t
+    t = time.perf_counter()
+    losses = [step() for _ in range(steps)]
+    loss = float(torch.stack(losses).mean())  # the one host read, after the timed steps
+    sec = time.perf_counter() - t
+    tps = micro * accum * block * steps / sec
+    peak = peak_flops(torch.device(device))
     if not math.isfinite(loss):
         raise RuntimeError(f"non-finite loss {loss}")
-    row = {
-        "what": label,
-        "tokens/s": tps,
-        "MFU": flops_per_token * tps / peak if peak else float("nan"),
-        "step ms": 1e3 * sec / steps,
-        "peak GiB": torch.cuda.max_memory_allocated() / 2**30,
-        "warm-up s": warm_s,
-        "loss": loss,
-    }
-    ROWS.append(row)
-    log(
-        f"{label}: {tps:,.0f} tok/s, MFU {row['MFU']:.1%}, {row['step ms']:.1f} ms/step, "
-        f"peak {row['peak GiB']:.1f} GiB, warm-up {warm_s:.0f}s, loss {loss:.3f}"
+    ROWS.append(
+        {
+            "what": label,
+            "tokens/s": tps,
+            "MFU": fpt * tps / peak if peak else None,
+            "ms/step": 1e3 * sec / steps,
+            "peak GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            "notes": f"warm-up {warm:.0f}s; loss {loss:.3f}",
+        }
     )
-    return row
+    log(f"{label}: {tps:,.0f} tokens/s, {1e3 * sec / steps:.0f} ms/step, warm-up {warm:.0f}s")
 
 
-def ours_loss(m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return m(x, y)[1]
+# ---- decode (the gen branch's module, when it is in this build) ---------------------------
 
 
-def hf_loss(m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = m(input_ids=x).logits
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+def decode_section(device: str, ckpt: Path | None) -> None:
+    try:
+        from benchmarks.bench_gpu_decode import decode_rows
+    except ImportError:
+        log("decode: not available in this build")
+        NOTES.append("decode: not available in this build (benchmarks/bench_gpu_decode.py)")
+        return
+    for r in decode_rows(device, str(ckpt) if ckpt is not None else None):
+        vs = r.get("vs_transformers")
+        ROWS.append(
+            {
+                "what": f"decode: {r['setup']}",
+                "tokens/s": r.get("tokens_per_s"),
+                "peak GiB": r.get("peak_mem_gib"),
+                "notes": f"{vs:.2f}x transformers" if isinstance(vs, (int, float)) else "",
+            }
+        )
 
 
-def largest_batch(
-    model: torch.nn.Module, get_for: Callable[[int], Any], candidates: list[int]
-) -> int:
-    """Largest micro-batch whose eager fwd+bwd fits (eager needs more memory than compiled)."""
-    for bs in candidates:
-        try:
-            x, y = get_for(bs)()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(x, y)[1]
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            return bs
-        except torch.OutOfMemoryError:
-            model.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-    return candidates[-1]
+# ---- the table and RESULTS.md -------------------------------------------------------------
 
 
-@torch.inference_mode()
-def decode_rate(model: Gemma3ForCausalLM, new: int) -> float:
-    from gemma3.generate import generate
+def table(title: str) -> str:
+    def f(v: Any, fmt: str) -> str:
+        ok = isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))
+        return format(v, fmt) if ok else ""
 
-    prompt = [[464, 3290, 373, 257, 1310, 2576, 13]]
-    generate(model, prompt, 8, temperature=0.0, stop_token=None)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = generate(model, prompt, new, temperature=0.0, stop_token=None)
-    torch.cuda.synchronize()
-    return len(out[0]) / (time.perf_counter() - t)
-
-
-@torch.inference_mode()
-def hf_decode_rate(hf: Any, new: int) -> float:
-    ids = torch.tensor([[464, 3290, 373, 257, 1310, 2576, 13]], device="cuda")
-    kw = {"do_sample": False, "max_new_tokens": new, "min_new_tokens": new, "pad_token_id": 0}
-    hf.generate(ids, **{**kw, "max_new_tokens": 8, "min_new_tokens": 8})
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = hf.generate(ids, **kw)
-    torch.cuda.synchronize()
-    return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - t)
+    lines = [f"| {title} | tokens/s | MFU | ms/step | peak GiB | notes |"]
+    lines.append("| --- | ---: | ---: | ---: | ---: | --- |")
+    for r in ROWS:
+        lines.append(
+            f"| {r['what']} | {f(r.get('tokens/s'), ',.0f')} | {f(r.get('MFU'), '.1%')} "
+            f"| {f(r.get('ms/step'), '.0f')} | {f(r.get('peak GiB'), '.1f')} "
+            f"| {r.get('notes', '')} |"
+        )
+    return "\n".join(lines)
 
 
-def engine_run(steps: int, bs: int) -> dict[str, Any]:
-    """The real train stage (`python -m stages.train`) on the 270M preset in a temp workspace.
-
-    This exercises the engine's own GPU paths (precision policy, torch.compile, fused AdamW with
-    its on-device non-finite guard, the padded head, pinned batch transfer, checkpoint writes) on
-    learnable patterned tokens, and reads its tokens/s and MFU from metrics/train.json.
-    """
-    import json
-    import os
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
-    from tests.project import write_params, write_tokens
-
-    repo = Path(__file__).resolve().parents[1]
-    root = Path(tempfile.mkdtemp(prefix="gemma3-engine-"))
-    write_tokens(root, n_train=8_000_000, n_val=200_000, vocab=50257)
-    train = {
-        "max_steps": steps,
-        "batch_size": bs,
-        "block_size": 128,
-        "grad_accum": 1,
-        "lr": 6e-4,
-        "min_lr": 6e-5,
-        "warmup_steps": 10,
-        "eval_interval": steps,
-        "eval_batches": 4,
-        "log_interval": 20,
-        "checkpoint_interval": steps,
-        "compile": True,
-    }
-    write_params(root, model={"preset": "gemma3-270m", "overrides": {}}, train=train)
-    path = os.pathsep.join(x for x in (str(repo), os.environ.get("PYTHONPATH")) if x)
-    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
-    t = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "stages.train"], cwd=root, env=env, capture_output=True, text=True
-    )
-    wall = time.perf_counter() - t
-    if proc.returncode != 0:
-        raise RuntimeError(f"train stage exit {proc.returncode}: {proc.stderr.strip()[-400:]}")
-    log(f"train stage stdout: {proc.stdout.strip().splitlines()[-1]}")
-    log("train stage plots/train.csv:\n" + (root / "plots/train.csv").read_text())
-    m = json.loads((root / "metrics/train.json").read_text())["train"]
-    row = {
-        "what": f"train stage (engine), {m['precision']}, compile, mb {bs}, last {20} steps",
-        "tokens/s": m["tokens_per_s"],
-        "MFU": m["mfu"] if m["mfu"] is not None else float("nan"),
-        "warm-up s": wall,
-        "loss": m["final_train_loss"],
-    }
-    ROWS.append(row)
-    log(f"engine: {m}")
-    return row
-
-
-def section(name: str, budget: float) -> contextlib.AbstractContextManager[Any]:
-    @contextlib.contextmanager
-    def guard() -> Any:
-        if time.perf_counter() - T0 > budget:
-            log(f"SKIPPED {name}: time budget spent")
-            yield False
-            return
-        try:
-            yield True
-        except Exception as e:  # a benchmark section failing must not lose the others
-            log(f"FAILED {name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-        finally:
-            torch.cuda.empty_cache()
-
-    return guard()
+def write_results(path: Path, header: str, body: str) -> None:
+    """Replace the block between the gpu.sh markers in RESULTS.md (appended when absent)."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    block = f"{BEGIN}\n{header}\n\n{body}\n{END}"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text, encoding="utf-8")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--block", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=30, help="timed steps per row")
-    ap.add_argument("--budget", type=float, default=420, help="seconds; later sections skip")
-    ap.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
-    ap.add_argument("--engine-steps", type=int, default=80, help="0 skips the train-stage row")
-    ap.add_argument("--cudagraphs", action="store_true", help="add a reduce-overhead row")
+    ap.add_argument("--budget", type=float, default=300, help="seconds; later sections skip")
+    ap.add_argument("--stage-steps", type=int, default=48, help="train stage max_steps")
+    ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps per bench row")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny preset: tests the script")
+    ap.add_argument("--results", type=Path, help="RESULTS.md to write (default: on CUDA only)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_gpu: no CUDA device visible", file=sys.stderr)
+    args.dry_run = args.dry_run or os.environ.get("GEMMA3_GPU_BENCH_DEVICE") == "cpu"
+    args.device = "cpu" if args.dry_run else "cuda"
+    if args.dry_run:
+        args.stage_steps = min(args.stage_steps, 8)
+        args.steps = min(args.steps, 2)
+    elif not torch.cuda.is_available():
+        print("bench_gpu: no CUDA device visible (--dry-run runs on the CPU)", file=sys.stderr)
         return 2
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    dev = torch.device("cuda")
-    log(
-        f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    )
-    log(
-        f"bf16 8192^3 matmul: {matmul_tflops():.0f} TFLOP/s (dense bf16 peak used for MFU: "
-        f"{(peak_flops() or float('nan')) / 1e12:.0f})"
-    )
-
-    cfg = Config.from_name("gemma3-270m", vocab_pad_multiple=64)
-    fpt = cfg.flops_per_token(args.block)
-    log(
-        f"gemma3-270m: {cfg.param_counts()['total']:,} params, {fpt / 1e9:.3f} GFLOP/token at block {args.block}"
-    )
-    data = zipf_tokens(20_000_000, cfg.vocab_size, dev)
-    get_for = lambda bs: batches(data, bs, args.block)  # noqa: E731
-    B = args.block
-
-    torch.manual_seed(0)
-    model = Gemma3ForCausalLM(cfg).to(dev)
-    with section("eager bs32", args.budget) as ok:
-        if ok:
-            train_rate(
-                "ours eager, bf16 autocast, mb 32",
-                model,
-                ours_loss,
-                get_for(32),
-                32 * B,
-                fpt,
-                compile_model=False,
-                warmup=3,
-                steps=args.steps,
-            )
-    with section("compiled bs32", args.budget) as ok:
-        if ok:
-            train_rate(
-                "ours compiled, bf16 autocast, mb 32",
-                model,
-                ours_loss,
-                get_for(32),
-                32 * B,
-                fpt,
-                compile_model=True,
-                warmup=3,
-                steps=args.steps,
-            )
-    big = 32
-    with section("largest micro-batch", args.budget) as ok:
-        if ok:
-            big = largest_batch(model, get_for, [512, 256, 128, 64])
-            log(f"largest micro-batch that fits (eager probe): {big}")
-    with section(f"compiled bs{big}", args.budget) as ok:
-        if ok and big != 32:
-            torch._dynamo.reset()
-            train_rate(
-                f"ours compiled, bf16 autocast, mb {big}",
-                model,
-                ours_loss,
-                get_for(big),
-                big * B,
-                fpt,
-                compile_model=True,
-                warmup=3,
-                steps=max(10, args.steps // 2),
-            )
-    with section(f"compiled bs{big} x accum 4", args.budget) as ok:
-        if ok:
-            train_rate(
-                f"ours compiled, bf16 autocast, mb {big} x grad accum 4",
-                model,
-                ours_loss,
-                get_for(big),
-                4 * big * B,
-                fpt,
-                compile_model=True,
-                warmup=1,
-                steps=max(4, args.steps // 6),
-                accum=4,
-            )
-    with section("cuda graphs bs32", args.budget) as ok:
-        if ok and args.cudagraphs:
-            torch._dynamo.reset()
-            train_rate(
-                "ours compiled reduce-overhead (CUDA graphs), bf16 autocast, mb 32",
-                model,
-                ours_loss,
-                get_for(32),
-                32 * B,
-                fpt,
-                compile_model=True,
-                warmup=3,
-                steps=args.steps,
-                mode="reduce-overhead",
-            )
-    with section("engine", args.budget) as ok:
-        if ok and args.engine_steps:
-            engine_run(args.engine_steps, 64)
-    with section("decode", args.budget) as ok:
-        if ok:
-            torch._dynamo.reset()
-            m16 = model.to(torch.bfloat16).eval()
-            r = decode_rate(m16, 200)
-            ROWS.append({"what": "ours decode, bf16, batch 1, 200 new", "tokens/s": r})
-            log(f"ours decode bf16 batch 1: {r:.1f} tok/s")
-    if not args.no_hf:
-        with section("transformers", args.budget) as ok:
+    if args.results is None and not args.dry_run:
+        args.results = REPO / "benchmarks" / "RESULTS.md"
+    card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU dry run"
+    v, rev = versions(), commit()
+    log(f"{card}; commit {rev}; " + ", ".join(f"{k} {x}" for k, x in v.items()))
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        with section("bf16 matmul", args.budget, 5) as ok:
             if ok:
-                from gemma3.hf import to_transformers
-
-                torch._dynamo.reset()
-                plain = Gemma3ForCausalLM(Config.from_name("gemma3-270m"))  # unpadded for HF
-                hf = to_transformers(plain).to(dev).train()
-                del plain
-                train_rate(
-                    "transformers compiled, bf16 autocast, mb 32",
-                    hf,
-                    hf_loss,
-                    get_for(32),
-                    32 * B,
-                    fpt,
-                    compile_model=True,
-                    warmup=3,
-                    steps=args.steps,
-                )
-                hf16 = hf.to(torch.bfloat16).eval()
-                r = hf_decode_rate(hf16, 200)
-                ROWS.append({"what": "transformers decode, bf16, batch 1, 200 new", "tokens/s": r})
-                log(f"transformers decode bf16 batch 1: {r:.1f} tok/s")
-
-    print(
-        f"\n| {torch.cuda.get_device_name()} | tokens/s | MFU | ms/step | peak GiB | warm-up s | loss |"
+                NOTES.append(f"bf16 8192^3 matmul on this card: {matmul_tflops():.0f} TFLOP/s")
+    ckpt = None
+    with section("train stage", args.budget, 150 if not args.dry_run else 30) as ok:
+        if ok:
+            ckpt = stage_rows(args, args.budget)
+    with section("decode", args.budget, 60 if not args.dry_run else 10) as ok:
+        if ok:
+            decode_section(args.device, ckpt)
+    preset = "gemma3-tiny" if args.dry_run else "gemma3-270m"
+    block, rows = (32, 16) if args.dry_run else (128, 1024)  # the stage's rows per step
+    cfg = Config.from_name(preset, vocab_pad_multiple=64 if args.device == "cuda" else 1)
+    fpt = cfg.flops_per_token(block)
+    micro = 4 if args.dry_run else 256
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg).to(args.device)
+    with section("eager step", args.budget, 30 if not args.dry_run else 5) as ok:
+        if ok:
+            label = f"same step, eager, micro-batch {micro} x {rows // micro}"
+            train_rate(label, model, micro, rows // micro, block, args.device, compiled=False,
+                       steps=args.steps, fpt=fpt)  # fmt: skip
+    small = 4 if args.dry_run else 32
+    with section("compiled step, the recipe's split", args.budget, 100 if not args.dry_run else 30) as ok:  # fmt: skip
+        if ok:
+            label = (
+                f"same step, compiled, micro-batch {small} x {rows // small} (the recipe's split)"
+            )
+            train_rate(label, model, small, rows // small, block, args.device, compiled=True,
+                       steps=max(1, args.steps // 2), fpt=fpt)  # fmt: skip
+    header = (
+        f"Measured by `bash benchmarks/gpu.sh` on **{card}**, commit {rev}, "
+        + ", ".join(f"{k} {x}" for k, x in v.items())
+        + f"; {time.perf_counter() - T0:.0f}s in the script. 270M preset, block 128, bf16 "
+        "autocast, the seed recipe's 131,072 tokens per optimizer step. MFU against the card's "
+        "dense bf16 peak (989 TFLOP/s for H100/H200 SXM)."
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for r in ROWS:
-
-        def f(k: str, fmt: str, r: dict[str, Any] = r) -> str:
-            v = r.get(k)
-            return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
-
-        print(
-            f"| {r['what']} | {f('tokens/s', ',.0f')} | {f('MFU', '.1%')} | {f('step ms', '.1f')} "
-            f"| {f('peak GiB', '.1f')} | {f('warm-up s', '.0f')} | {f('loss', '.3f')} |"
-        )
+    body = table(card) + ("\n\n" + "\n".join(f"- {n}" for n in NOTES) if NOTES else "")
+    print("\n" + body)
+    if args.results is not None:
+        write_results(args.results, header, body)
+        log(f"wrote {args.results}")
     return 0
 
 

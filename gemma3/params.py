@@ -73,6 +73,11 @@ class TrainParams:
     batch_size: int = 8  # sequences per micro-batch (per process)
     block_size: int = 128
     grad_accum: int = 1  # micro-batches per optimizer step
+    # Sequences per forward/backward pass: any divisor of batch_size x grad_accum gives the same
+    # optimizer step on the same rows (only rounding differs). auto = batch_size on CPU/MPS; on
+    # CUDA the largest divisor with micro_batch x block_size <= 32,768 tokens (the seed's 32 x 32
+    # accumulation runs as 256 x 4), never below batch_size.
+    micro_batch: int | str = "auto"
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup_steps: int = 15  # optimizer steps of linear warmup
@@ -84,6 +89,9 @@ class TrainParams:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     eval_interval: int = 50  # optimizer steps between validation passes
     eval_batches: int = 8
+    # Sequences per validation forward pass (the rows validated stay eval_batches x batch_size).
+    # auto = batch_size on CPU/MPS; on CUDA the largest divisor of those rows <= 2 x micro_batch.
+    eval_batch_size: int | str = "auto"
     log_interval: int = 10
     checkpoint_interval: int = 50  # optimizer steps between resumable training states
     # auto = bf16 autocast on CUDA and on CPUs with native bf16, else fp32; fp32, bf16-autocast,
@@ -323,6 +331,24 @@ def _check_train(t: TrainParams, file: str) -> None:
             words = ", ".join(str(a).lower() for a in allowed)
             hint = "; int8 is for generation only (sample.dtype)" if v == "int8" else ""
             raise _err(file, f"train.{name}", f"must be one of {words}, got {v!r}{hint}")
+    rows = t.batch_size * t.grad_accum
+    if t.micro_batch != "auto" and (
+        not isinstance(t.micro_batch, int) or t.micro_batch < 1 or rows % t.micro_batch
+    ):
+        raise _err(
+            file,
+            "train.micro_batch",
+            f"must be auto or an integer dividing train.batch_size x train.grad_accum ({rows}), "
+            f"got {t.micro_batch!r}",
+        )
+    if t.eval_batch_size != "auto" and (
+        not isinstance(t.eval_batch_size, int) or t.eval_batch_size < 1
+    ):
+        raise _err(
+            file,
+            "train.eval_batch_size",
+            f"must be auto or an integer >= 1, got {t.eval_batch_size!r}",
+        )
     if t.vocab_pad_multiple != "auto" and (
         not isinstance(t.vocab_pad_multiple, int) or t.vocab_pad_multiple < 1
     ):

@@ -28,6 +28,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,10 @@ NOT_IN_FINGERPRINT = (
     "checkpoint_interval",
     "resume",
     "device",
+    # How an optimizer step's rows are grouped into passes: the same rows and the same step
+    # (within rounding) for any split, so a state resumes under another split or device.
+    "micro_batch",
+    "eval_batch_size",
 )
 
 
@@ -168,6 +173,8 @@ class Runtime:
     compile: bool
     fused_adamw: bool
     vocab_pad_multiple: int
+    micro_batch: int = 1  # sequences per forward/backward pass (divides batch_size x grad_accum)
+    eval_batch_size: int = 1  # sequences per validation forward pass
     dist: Dist = field(default_factory=Dist)
 
     @property
@@ -179,12 +186,41 @@ class Runtime:
         return self.dist.world_size
 
 
+# Tokens per forward/backward pass that train.micro_batch: auto aims at on CUDA: the 270M preset
+# at 256 x 128 fits in ~30 GiB and ran 3.3x the tokens/s of 32 x 128 on an H100 (RESULTS.md).
+AUTO_MICRO_TOKENS = 32_768
+
+
+def largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, max(1, at_most)) + 1) if n % d == 0)
+
+
+def resolve_batches(t: Any, cuda: bool) -> tuple[int, int]:
+    """(micro_batch, eval_batch_size) for train.micro_batch / train.eval_batch_size "auto".
+
+    Off CUDA, auto keeps batch_size for both (nothing to fill). On CUDA, auto takes the largest
+    divisor of batch_size x grad_accum within AUTO_MICRO_TOKENS (never below batch_size), and
+    validation the largest divisor of its rows within 2 x that (forward only needs less memory).
+    """
+    rows = t.batch_size * t.grad_accum
+    micro = t.micro_batch
+    if micro == "auto":
+        budget = AUTO_MICRO_TOKENS // t.block_size
+        micro = largest_divisor(rows, budget) if cuda and budget > t.batch_size else t.batch_size
+    eval_bs = t.eval_batch_size
+    if eval_bs == "auto":
+        eval_rows = t.eval_batches * t.batch_size
+        eval_bs = largest_divisor(eval_rows, 2 * micro) if cuda else t.batch_size
+    return micro, eval_bs
+
+
 def resolve_runtime(p: Params, d: Dist | None = None) -> Runtime:
     t, d = p.train, d or Dist()
     device = resolve_device(t.device)
     if device.type == "cuda" and d.world_size > 1:
         device = torch.device("cuda", d.local_rank)
     cuda = device.type == "cuda"
+    micro_batch, eval_batch_size = resolve_batches(t, cuda)
     return Runtime(
         device=device,
         precision=resolve_precision(t.precision, device),
@@ -194,6 +230,8 @@ def resolve_runtime(p: Params, d: Dist | None = None) -> Runtime:
         vocab_pad_multiple=t.vocab_pad_multiple
         if isinstance(t.vocab_pad_multiple, int)
         else (64 if cuda else 1),
+        micro_batch=micro_batch,
+        eval_batch_size=eval_batch_size,
         dist=d,
     )
 
@@ -356,10 +394,11 @@ class Run:
     cfg: Config
     data_meta: dict[str, Any]
     train_data: np.ndarray
-    eval_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    val_windows: torch.Tensor  # (eval_batches x batch_size, block_size + 1), on the device
     model: Gemma3ForCausalLM  # the raw module (what is saved)
     optimizer: torch.optim.Optimizer
     forward: torch.nn.Module  # what the loop calls: compiled and/or DDP-wrapped `model`
+    eval_forward: torch.nn.Module  # what validation calls: `model`, compiled when training is
     tracker: Tracker = None
 
 
@@ -379,7 +418,12 @@ def build_model(cfg: Config, rt: Runtime, seed: int) -> Gemma3ForCausalLM:
         ) from None
 
 
-def load_data(p: Params, paths: TrainPaths, cfg: Config) -> tuple[np.ndarray, list[Any]]:
+def windows(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B, T + 1) token windows from a batch's inputs and targets (y is x shifted by one)."""
+    return torch.cat((x, y[:, -1:]), dim=1)
+
+
+def load_data(p: Params, paths: TrainPaths, cfg: Config) -> tuple[np.ndarray, torch.Tensor]:
     block, bs = p.train.block_size, p.train.batch_size
     vocab, need = cfg.vocab_size, block + 1
     train_data = load_tokens(paths.data_dir / "train.bin", vocab_size=vocab, min_tokens=need)
@@ -389,7 +433,8 @@ def load_data(p: Params, paths: TrainPaths, cfg: Config) -> tuple[np.ndarray, li
             f"{paths.data_dir / 'train.bin'}: {len(train_data):,} tokens is fewer than one batch "
             f"(train.batch_size {bs} x train.block_size {block}); use more data or a smaller batch"
         )
-    return train_data, fixed_batches(val_data, p.train.eval_batches, bs, block, p.seed)
+    val = fixed_batches(val_data, p.train.eval_batches, bs, block, p.seed)
+    return train_data, torch.cat([windows(x, y) for x, y in val])
 
 
 def warn_about_settings(p: Params) -> None:
@@ -416,7 +461,8 @@ def setup(p: Params, paths: TrainPaths, rt: Runtime) -> Run:
         warn_about_settings(p)
     cfg = p.model_config(vocab_pad_multiple=rt.vocab_pad_multiple)
     data_meta = read_tokens_meta(paths.data_dir)
-    train_data, eval_batches = load_data(p, paths, cfg)
+    train_data, val_windows = load_data(p, paths, cfg)
+    val_windows = val_windows.to(rt.device)  # once: validation then never copies from the host
     model = build_model(cfg, rt, p.seed)
     optimizer = torch.optim.AdamW(
         param_groups(model, t.weight_decay),
@@ -425,14 +471,19 @@ def setup(p: Params, paths: TrainPaths, rt: Runtime) -> Run:
         eps=t.eps,
         **({"fused": True} if rt.fused_adamw else {}),
     )
-    return Run(p, paths, rt, cfg, data_meta, train_data, eval_batches, model, optimizer, model)
+    return Run(
+        p, paths, rt, cfg, data_meta, train_data, val_windows, model, optimizer, model, model
+    )
 
 
 def wrap_model(run: Run) -> None:
     """Compile, then DDP (which also copies rank 0's weights, resumed or fresh, to every rank)."""
     forward: torch.nn.Module = run.model
     if run.rt.compile:
-        forward = torch.compile(forward)  # type: ignore[assignment]
+        # Static shapes: training and validation batches each get their own graph, instead of
+        # the second shape turning the first graph into a slower dynamic one.
+        forward = torch.compile(forward, dynamic=False)  # type: ignore[assignment]
+    run.eval_forward = forward
     if run.rt.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -508,6 +559,53 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device)
 
 
+class StepBatches:
+    """The token windows of each optimizer step, the next step's made while this one runs.
+
+    Step s's rows are this process's micro-batches g = global_micro_index(s, m, ...) for
+    m < grad_accum, concatenated: the recipe's data order, whatever the micro-batch split. A
+    worker thread samples and pins step s + 1 while the device works on step s, and the copy is
+    issued without blocking the host, so data loading stays off the critical path.
+    """
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
+        self.next: tuple[int, Future[torch.Tensor]] | None = None
+
+    def _host(self, step: int) -> torch.Tensor:
+        t, d = self.run.p.train, self.run.rt.dist
+        parts = []
+        for micro in range(t.grad_accum):
+            g = global_micro_index(step, micro, t.grad_accum, d.world_size, d.rank)
+            parts.append(
+                windows(
+                    *sample_batch(
+                        self.run.train_data,
+                        t.batch_size,
+                        t.block_size,
+                        seed=self.run.p.seed,
+                        step=g,
+                    )
+                )
+            )
+        rows = torch.cat(parts)
+        return rows.pin_memory() if self.run.rt.device.type == "cuda" else rows
+
+    def get(self, step: int) -> torch.Tensor:
+        """Step `step`'s windows on the device, (batch_size x grad_accum, block_size + 1)."""
+        if self.next is not None and self.next[0] == step:
+            rows = self.next[1].result()
+        else:
+            rows = self._host(step)
+        if step + 1 < self.run.p.train.max_steps:
+            self.next = (step + 1, self.pool.submit(self._host, step + 1))
+        return rows.to(self.run.rt.device, non_blocking=True)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, p: Params, step: int) -> float:
     t = p.train
     lr = lr_at(
@@ -524,29 +622,29 @@ def set_lr(optimizer: torch.optim.Optimizer, p: Params, step: int) -> float:
 
 
 def train_step(
-    run: Run, step: int, fault_hook: FaultHook | None = None
+    run: Run, step: int, rows: torch.Tensor, fault_hook: FaultHook | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward/backward over grad_accum micro-batches, clip, step; returns (loss, grad norm).
+    """Forward/backward over `rows` in micro_batch passes, clip, step; returns (loss, grad norm).
 
-    Both stay on the device (no host sync). A step whose loss or gradient is not finite is never
-    applied: fused AdamW skips it on the device (found_inf), else the host checks first.
+    Each pass's mean loss is divided by the number of passes, so every split of the same rows
+    gives the same gradient. Nothing here reads a value back to the host: loss and grad norm
+    stay on the device, and a step whose loss or gradient is not finite is never applied
+    (fused AdamW skips it on the device via found_inf; only the unfused path checks on the host).
     """
-    t, rt, d = run.p.train, run.rt, run.rt.dist
+    rt, d = run.rt, run.rt.dist
+    passes = rows.split(rt.micro_batch)
     loss_sum = torch.zeros((), device=rt.device)
-    for micro in range(t.grad_accum):
-        g = global_micro_index(step, micro, t.grad_accum, d.world_size, d.rank)
-        x, y = sample_batch(run.train_data, t.batch_size, t.block_size, seed=run.p.seed, step=g)
-        last = micro == t.grad_accum - 1
-        no_sync = d.world_size > 1 and not last
+    for i, w in enumerate(passes):
+        no_sync = d.world_size > 1 and i < len(passes) - 1  # DDP: all-reduce after the last
         with run.forward.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
             with autocast(rt.precision, rt.device):
-                _, loss = run.forward(to_device(x, rt.device), to_device(y, rt.device))
+                _, loss = run.forward(w[:, :-1], w[:, 1:])
             if fault_hook is not None:
                 loss = fault_hook(step, loss)
-            (loss / t.grad_accum).backward()
+            (loss / len(passes)).backward()
         loss_sum += loss.detach().float()
-    loss = loss_sum / t.grad_accum
-    clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+    loss = loss_sum / len(passes)
+    clip = run.p.train.grad_clip if run.p.train.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip).float()
     bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
     if rt.fused_adamw:
@@ -558,16 +656,21 @@ def train_step(
     return loss, grad_norm
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def validate(run: Run) -> float:
-    run.forward.eval()
+    """Mean loss over the fixed validation rows, eval_batch_size rows per (compiled) pass.
+
+    The rows already sit on the device and the loss is summed there: one host read at the end.
+    """
+    rows = run.val_windows
+    run.eval_forward.eval()
     total = torch.zeros((), device=run.rt.device)
-    for x, y in run.eval_batches:
+    for w in rows.split(run.rt.eval_batch_size):
         with autocast(run.rt.precision, run.rt.device):
-            _, loss = run.model(x.to(run.rt.device), y.to(run.rt.device))
-        total += loss.float()
-    run.forward.train()
-    return total.item() / len(run.eval_batches)
+            _, loss = run.eval_forward(w[:, :-1], w[:, 1:])
+        total += loss.float() * len(w)  # every row has block_size targets: weight by rows
+    run.eval_forward.train()
+    return total.item() / len(rows)
 
 
 def _fmt(x: float | None, digits: int = 4) -> float | None:
@@ -582,7 +685,8 @@ class NonFinite:
 
     def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm)) & (self.first[0] < 0)
-        now = torch.stack([torch.tensor(float(step + 1), device=loss.device), loss, grad_norm])
+        # new_full, not torch.tensor(...): a tensor from Python data is a blocking host copy.
+        now = torch.stack([loss.new_full((), float(step + 1)), loss, grad_norm])
         self.first = torch.where(bad, now, self.first)
 
     def check(self, run: Run, state: TrainState) -> None:
@@ -634,6 +738,7 @@ class Throughput:
     def __init__(self, run: Run) -> None:
         t = run.p.train
         self.tokens_per_step = t.batch_size * t.block_size * t.grad_accum * run.rt.world_size
+        self.block = t.block_size
         self.flops_per_token = run.cfg.flops_per_token(t.block_size)
         self.peak = peak_flops(run.rt.device)
         self.world = run.rt.world_size
@@ -641,6 +746,12 @@ class Throughput:
 
     def restart(self) -> None:
         self.t0, self.tokens = time.perf_counter(), 0
+
+    def forward_rate(self, rows: int, seconds: float) -> dict[str, float | None]:
+        """Validation tokens/s and MFU, counting forward FLOPs only (a third of training's)."""
+        tps = rows * self.block / seconds if seconds > 0 else 0.0
+        mfu = self.flops_per_token / 3 * tps / self.peak if self.peak else None
+        return {"val_tokens_per_s": round(tps, 1), "val_mfu": _fmt(mfu)}
 
     def report(self) -> tuple[float, float | None]:
         elapsed = time.perf_counter() - self.t0
@@ -723,12 +834,13 @@ class StopFlag:
 def fit(run: Run, state: TrainState, fault_hook: FaultHook | None, bar: Any) -> None:
     t, rt = run.p.train, run.rt
     guard, speed, stop = NonFinite(rt.device), Throughput(run), StopFlag()
+    batches = StepBatches(run)
     run.forward.train()
-    with stop.installed():
+    with stop.installed(), contextlib.closing(batches):
         for step in range(state.step, t.max_steps):
-            # ---- one optimizer step (lr set from the schedule first) ----
+            # ---- one optimizer step (lr set from the schedule first); no host sync ----
             lr = set_lr(run.optimizer, run.p, step)
-            loss, grad_norm = train_step(run, step, fault_hook)
+            loss, grad_norm = train_step(run, step, batches.get(step), fault_hook)
             guard.record(step, loss, grad_norm)
             done, speed.tokens = step + 1, speed.tokens + speed.tokens_per_step
             last = done == t.max_steps
@@ -750,7 +862,9 @@ def fit(run: Run, state: TrainState, fault_hook: FaultHook | None, bar: Any) -> 
                 row |= {"grad_norm": _fmt(grad_norm.item()), "tokens_per_s": tps, "mfu": mfu}
             # ---- validate, keep the best ----
             if evaluating:
-                val = validate(run)
+                started = time.perf_counter()
+                val = validate(run)  # ends in a host read: the device is done when it returns
+                row |= speed.forward_rate(len(run.val_windows), time.perf_counter() - started)
                 row["val_loss"] = _fmt(val)
                 if val < state.best_val_loss and rt.is_main:
                     save_best(run, state, val, done)
@@ -785,6 +899,12 @@ def train_metrics(run: Run, state: TrainState) -> dict[str, Any]:
         "tokens": steps * t.batch_size * t.block_size * t.grad_accum * rt.world_size,
         "tokens_per_s": last.get("tokens_per_s"),
         "mfu": last.get("mfu"),
+        "val_tokens_per_s": last.get("val_tokens_per_s"),
+        "val_mfu": last.get("val_mfu"),
+        "micro_batch": rt.micro_batch,
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(rt.device) / 2**30, 2)
+        if rt.device.type == "cuda"
+        else None,
         "device": str(rt.device),
         "precision": rt.precision,
         "world_size": rt.world_size,

@@ -500,6 +500,19 @@ PARAMS_CASES = [
         "train.warmup_steps: (50) exceeds train.max_steps (40)",
     ),
     case(
+        "params-micro-batch-not-dividing-the-step",
+        "train",
+        params(train={"batch_size": 4, "grad_accum": 4, "micro_batch": 6}),
+        "train.micro_batch: must be auto or an integer dividing train.batch_size x "
+        "train.grad_accum (16), got 6",
+    ),
+    case(
+        "params-eval-batch-size-zero",
+        "download",
+        params(train={"eval_batch_size": 0}),
+        "train.eval_batch_size: must be auto or an integer >= 1, got 0",
+    ),
+    case(
         "params-block-size-over-context-length",
         "train",
         params(train={"block_size": 2048}),

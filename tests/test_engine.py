@@ -188,7 +188,8 @@ def test_non_finite_step_is_never_applied(tmp_path: Path, fused: bool, what: str
 
 
 # Only these may differ between a saved state and the run that resumes it: how often to log,
-# evaluate and save, where to run, and whether to resume at all.
+# evaluate and save, where to run, and whether to resume at all; and how a step's rows are
+# grouped into passes (the same rows and the same step for any split: test_engine_gpu_paths).
 OUTSIDE_THE_TRAJECTORY = {
     "eval_interval",
     "eval_batches",
@@ -196,6 +197,8 @@ OUTSIDE_THE_TRAJECTORY = {
     "checkpoint_interval",
     "resume",
     "device",
+    "micro_batch",
+    "eval_batch_size",
 }
 
 

@@ -72,15 +72,22 @@ def test_compiled_training_step_matches_eager(tmp_path: Path) -> None:
             "layer_types": ["sliding_attention", "full_attention"],
         }
     }
-    out = {}
+    out, norms, val = {}, {}, {}
     for compiled in (False, True):
+        # Two accumulation passes per step, and validation (its own compiled graph, inference
+        # mode, 12 rows in passes of 5, 5 and 2) at the last step.
         t = {"max_steps": 2, "warmup_steps": 1, "log_interval": 1, "compile": compiled}
+        t |= {"grad_accum": 2, "eval_batches": 3, "eval_batch_size": 5}
         root = make_project(tmp_path / str(compiled), model=small, train=t)
         metrics = train(load_params(root / "params.yaml"), paths(root), progress=False)
-        rows = (root / "plots/train.csv").read_text().split()[1:]
-        out[compiled] = [float(r.split(",")[1]) for r in rows]
+        rows = [r.split(",") for r in (root / "plots/train.csv").read_text().split()[1:]]
+        out[compiled] = [float(r[1]) for r in rows]  # train loss
+        norms[compiled] = [float(r[4]) for r in rows]  # gradient norm before clipping
+        val[compiled] = metrics["final_val_loss"]
     assert len(out[True]) == 2 and metrics["steps"] == 2
     assert out[True] == pytest.approx(out[False], abs=2e-3)
+    assert norms[True] == pytest.approx(norms[False], rel=5e-3)  # bf16 autocast where native
+    assert val[True] == pytest.approx(val[False], abs=2e-3)
 
 
 def test_fused_adamw_matches_the_foreach_implementation(tmp_path: Path) -> None:
