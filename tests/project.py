@@ -85,9 +85,13 @@ def write_tokens(root: Path, n_train: int = 20_000, n_val: int = 2_000, vocab: i
 
 
 def env() -> dict[str, str]:
+    """Environment for stage subprocesses in a temp workspace: `stages` is not installed (DVC
+    runs it from the repository root), so the repository goes on PYTHONPATH."""
     e = dict(os.environ)
+    path = os.pathsep.join(x for x in (str(REPO), e.get("PYTHONPATH")) if x)
     e.update(
         {
+            "PYTHONPATH": path,
             "PYTHONUNBUFFERED": "1",
             "OMP_NUM_THREADS": "1",
             "MLFLOW_DISABLE_TELEMETRY": "true",
