@@ -45,7 +45,7 @@ class RMSNorm(nn.Module):
         (generate calls that at its start; decoding calls each norm once per token, and the add
         was a third of the norm's time at batch 1). Elsewhere (training, evaluation) every call
         computes it, so updated weights are always seen."""
-        if not torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
             return 1.0 + self.weight.float()
         w = self.weight
         if self._scale is None or self._scale_of != (w.data_ptr(), w.dtype, w.device):
