@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from gemma3.config import Config
 from gemma3.errors import Gemma3Error
-from gemma3.model import Gemma3ForCausalLM, StaticKVCache
+from gemma3.model import Gemma3ForCausalLM, RMSNorm, StaticKVCache
 from gemma3.tokenizer import EOT_ID
 
 # Temperatures below float32's smallest normal number (1.2e-38) decode greedily: sampling runs in
@@ -222,6 +222,9 @@ def _generate(
 ) -> list[list[int]]:
     cfg = model.config
     device = model.model.embed_tokens.weight.device
+    for m in model.modules():  # the weights may have changed since the last call
+        if isinstance(m, RMSNorm):
+            m.forget_scale()
     B = len(prompts)
     generators = None
     if seed is not None:

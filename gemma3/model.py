@@ -37,20 +37,26 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
-        self._scale: torch.Tensor | None = None  # 1 + w in fp32, kept between inference calls
-        self._scale_key: tuple = ()
+        self._scale: torch.Tensor | None = None  # 1 + w, kept within one generation
+        self._scale_of: tuple = ()  # the weight storage it was computed from
 
     def scale(self) -> torch.Tensor:
-        """1 + w in fp32. Without autograd it is computed once per weight version (decoding calls
-        each norm once per token: the add was a third of the norm's time at batch 1)."""
+        """1 + w in fp32. In inference mode it is computed once and kept until `forget_scale`
+        (generate calls that at its start; decoding calls each norm once per token, and the add
+        was a third of the norm's time at batch 1). Elsewhere (training, evaluation) every call
+        computes it, so updated weights are always seen."""
+        if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
+            return 1.0 + self.weight.float()
         w = self.weight
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and w.requires_grad):
-            return 1.0 + w.float()
-        # Inference tensors have no version counter (and are not trained in place).
-        key = (w.data_ptr(), -1 if w.is_inference() else w._version, w.dtype, w.device)
-        if key != self._scale_key:
-            self._scale, self._scale_key = 1.0 + w.detach().float(), key
+        if self._scale is None or self._scale_of != (w.data_ptr(), w.dtype, w.device):
+            self._scale, self._scale_of = (
+                1.0 + w.detach().float(),
+                (w.data_ptr(), w.dtype, w.device),
+            )
         return self._scale
+
+    def forget_scale(self) -> None:
+        self._scale = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x * rsqrt(mean(x^2) + eps) * (1 + w) in fp32, in one op (bit-identical to the
