@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from gemma3.config import Config
-from gemma3.generate import generate
+from gemma3.generation import generate
 from gemma3.model import Gemma3ForCausalLM
 
 PROMPT_LEN = 13

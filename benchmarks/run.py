@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from gemma3.config import Config
-from gemma3.generate import generate
+from gemma3.generation import generate
 from gemma3.model import Gemma3ForCausalLM
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -412,7 +412,7 @@ _RSS_CHILD = f"""
 import sys, torch
 hwm = {_HWM}
 from gemma3.config import Config
-from gemma3.generate import generate
+from gemma3.generation import generate
 from gemma3.model import Gemma3ForCausalLM
 dtype = getattr(torch, sys.argv[1])
 base = hwm()

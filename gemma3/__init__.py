@@ -15,8 +15,6 @@ load torch. The DVC + MLflow pipeline needs the `pipeline` extra.
 
 from __future__ import annotations
 
-import sys
-import types
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +27,7 @@ _PUBLIC = {
     "Gemma3ForCausalLM": "gemma3.model",
     "load_checkpoint": "gemma3.hf",
     "save_checkpoint": "gemma3.hf",
-    "generate": "gemma3.generate",
+    "generate": "gemma3.generation",
 }
 __all__ = [
     "PRESETS",
@@ -43,7 +41,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` imports on first use
     from gemma3.config import PRESETS, Config
-    from gemma3.generate import generate
+    from gemma3.generation import generate
     from gemma3.hf import load_checkpoint, save_checkpoint
     from gemma3.model import Gemma3ForCausalLM
 
@@ -59,20 +57,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *_PUBLIC})
-
-
-class _Package(types.ModuleType):
-    """`gemma3.generate` is the function, although `gemma3/generate.py` is also a module.
-
-    Importing a submodule sets it as an attribute of its package, which would make
-    `from gemma3 import generate` return the module once anything had imported
-    `gemma3.generate`. The submodule stays importable as usual (`from gemma3.generate import ...`).
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _PUBLIC and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

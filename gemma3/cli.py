@@ -110,7 +110,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import time
 
     from gemma3.errors import Gemma3Error
-    from gemma3.generate import check_prompts, check_sampling, generate
+    from gemma3.generation import check_prompts, check_sampling, generate
     from gemma3.hf import load_checkpoint
     from gemma3.runtime import autocast, weight_dtype
     from gemma3.tokenizer import EOT_ID, decode, encode

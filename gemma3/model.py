@@ -37,26 +37,20 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
-        self._scale: torch.Tensor | None = None  # 1 + w, kept within one generation
-        self._scale_of: tuple = ()  # the weight storage it was computed from
+        # 1 + w, computed once while `keep_scale` is on: `generate` turns it on for one call
+        # (decoding calls each norm once per token, and the add was a third of the norm's time
+        # at batch 1) and off at its end. Off (training, evaluation) every call computes it, so
+        # weights updated in place are always seen.
+        self.keep_scale = False
+        self._scale: torch.Tensor | None = None
 
     def scale(self) -> torch.Tensor:
-        """1 + w in fp32. In inference mode it is computed once and kept until `forget_scale`
-        (generate calls that at its start; decoding calls each norm once per token, and the add
-        was a third of the norm's time at batch 1). Elsewhere (training, evaluation) every call
-        computes it, so updated weights are always seen."""
-        if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
+        """1 + w in fp32."""
+        if not self.keep_scale or torch.compiler.is_compiling():
             return 1.0 + self.weight.float()
-        w = self.weight
-        if self._scale is None or self._scale_of != (w.data_ptr(), w.dtype, w.device):
-            self._scale, self._scale_of = (
-                1.0 + w.detach().float(),
-                (w.data_ptr(), w.dtype, w.device),
-            )
+        if self._scale is None:
+            self._scale = 1.0 + self.weight.detach().float()
         return self._scale
-
-    def forget_scale(self) -> None:
-        self._scale = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x * rsqrt(mean(x^2) + eps) * (1 + w) in fp32, in one op (bit-identical to the

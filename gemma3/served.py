@@ -64,7 +64,7 @@ def _prompts(model_input: Any) -> list[str]:
 def _sampling(params: dict[str, Any] | None, context_length: int) -> dict[str, Any]:
     """The request's params over the defaults, checked with the CLI's rules."""
     from gemma3.errors import Gemma3Error
-    from gemma3.generate import check_sampling
+    from gemma3.generation import check_sampling
 
     p = {**DEFAULT_PARAMS, **(params or {})}
     unknown = sorted(set(p) - set(DEFAULT_PARAMS))
@@ -131,7 +131,7 @@ class Gemma3Model(mlflow.pyfunc.PythonModel):
         returns prompt + completion per prompt. No type hints on purpose: MLflow would read them
         as the signature instead of the one logged with the params schema."""
         from gemma3.errors import Gemma3Error
-        from gemma3.generate import check_prompts, generate
+        from gemma3.generation import check_prompts, generate
         from gemma3.runtime import autocast
         from gemma3.tokenizer import EOT_ID, decode, encode
 

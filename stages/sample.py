@@ -5,7 +5,7 @@ from pathlib import Path
 
 from gemma3.errors import run_main
 from gemma3.fileio import atomic_write_json, atomic_write_text
-from gemma3.generate import generate
+from gemma3.generation import generate
 from gemma3.hf import load_checkpoint, read_meta
 from gemma3.params import load_params
 from gemma3.quant import check_int8_device, quantize_int8

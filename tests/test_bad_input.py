@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 import gemma3.hf
 from gemma3.config import FULL, SLIDING, Config
 from gemma3.data.raw import write_source_info, write_split
-from gemma3.generate import generate
+from gemma3.generation import generate
 from gemma3.hf import load_checkpoint, save_checkpoint
 from gemma3.model import Gemma3ForCausalLM
 from gemma3.params import load_params

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import gemma3.generate as gen
+import gemma3.generation as gen
 from gemma3.errors import Gemma3Error
-from gemma3.generate import generate
+from gemma3.generation import generate
 from gemma3.hf import load_checkpoint, save_checkpoint
 from gemma3.quant import Int8Linear, check_int8_device, quantize_int8, quantize_weight
 from gemma3.tokenizer import EOT_ID, decode, encode

@@ -14,7 +14,7 @@ import torch
 
 from gemma3.config import FULL, SLIDING, Config
 from gemma3.errors import Gemma3Error
-from gemma3.generate import generate, in_dtype, sample_next
+from gemma3.generation import generate, in_dtype, sample_next
 from gemma3.hf import save_checkpoint, to_transformers
 from gemma3.tokenizer import EOT_ID, decode, encode
 from tests.project import REPO, env

@@ -171,7 +171,7 @@ def test_export_has_no_pad_token_so_every_embedding_row_learns(tmp_path) -> None
     hf(input_ids=idx, labels=idx).loss.backward()
     assert hf.model.embed_tokens.weight.grad[50256].abs().sum() > 0
     # HF generate still works (it pads with generation_config.json's id) and agrees with ours.
-    from gemma3.generate import generate
+    from gemma3.generation import generate
 
     prompt = [[50256, 11, 12]]
     with torch.no_grad():

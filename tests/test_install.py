@@ -74,7 +74,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _reference(checkpoint: Path, prompt: str, n: int, **kw: object) -> list[int]:
     """Greedy tokens from this (full) environment: what the installed library must reproduce."""
-    from gemma3.generate import generate
+    from gemma3.generation import generate
     from gemma3.hf import load_checkpoint
     from gemma3.tokenizer import encode
 

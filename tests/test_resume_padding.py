@@ -40,8 +40,8 @@ def resolve_runtime(p, d=None):
     rt = resolve(p, d)
     return dataclasses.replace(rt, vocab_pad_multiple=int(PAD)) if PAD else rt
 
-def train_step(run, i, hook=None):
-    out = step(run, i, hook)
+def train_step(run, i, *args, **kwargs):
+    out = step(run, i, *args, **kwargs)
     if i == STOP_AT:
         os.kill(os.getpid(), signal.SIGINT)
     return out

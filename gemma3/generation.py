@@ -10,9 +10,10 @@ seed's way); it is kept as the reference the cache is tested against.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -183,9 +184,9 @@ def generate(
     compile = cuda if compile is None else compile
     static = (cuda or compile) if static is None else static
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), kept_norm_scales(in_dtype(model, dtype)) as target:
             return _generate(
-                in_dtype(model, dtype),
+                target,
                 prompts,
                 max_new_tokens,
                 sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p),
@@ -198,6 +199,19 @@ def generate(
             )
     finally:
         model.train(was_training)
+
+
+@contextlib.contextmanager
+def kept_norm_scales(model: Gemma3ForCausalLM) -> Iterator[Gemma3ForCausalLM]:
+    """Within one generate call the weights are fixed: each RMSNorm computes its 1 + w once."""
+    norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
+    for m in norms:
+        m.keep_scale, m._scale = True, None
+    try:
+        yield model
+    finally:
+        for m in norms:
+            m.keep_scale, m._scale = False, None
 
 
 # With no streaming, whether every row has stopped is asked only every this many steps: the
@@ -222,9 +236,6 @@ def _generate(
 ) -> list[list[int]]:
     cfg = model.config
     device = model.model.embed_tokens.weight.device
-    for m in model.modules():  # the weights may have changed since the last call
-        if isinstance(m, RMSNorm):
-            m.forget_scale()
     B = len(prompts)
     generators = None
     if seed is not None:
