@@ -318,6 +318,7 @@ def stage_rows(args: argparse.Namespace, budget: float) -> Path | None:
     root.mkdir()
     n = 20_000 if args.dry_run else 10_000_000
     make_workspace(root, n_train=n, n_val=max(n // 20, 20_000))
+    log(f"workspace {root}")
     how, wall, error = run_stage(args, root, budget)
     plots = root / "plots" / "train.csv"
     if error and how.startswith("dvc") and not plots.exists():
