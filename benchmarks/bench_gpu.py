@@ -675,7 +675,7 @@ def bench_steps(args: argparse.Namespace, *, compiled: bool) -> None:
     block, rows = (32, 16) if args.dry_run else (128, 1024)  # the stage's rows per step
     micro = (4 if args.dry_run else 32) if compiled else (4 if args.dry_run else 256)
     if compiled:
-        name, needs = "compiled step, the recipe's split", 100 if not args.dry_run else 30
+        name, needs = "compiled step, the recipe's split", 100 if not args.dry_run else 120
         label = f"same step, compiled, micro-batch {micro} x {rows // micro} (the recipe's split)"
     else:
         name, needs = "eager step", 30 if not args.dry_run else 5

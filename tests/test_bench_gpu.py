@@ -90,13 +90,13 @@ def test_hard_limit_writes_the_table_and_stops_the_stage(tmp_path: Path) -> None
     pytest.importorskip("dvc")
     out = tmp_path / "out"
     t = time.perf_counter()
-    proc = gpu_sh(out, "--hard-limit", "25", timeout=300)
+    proc = gpu_sh(out, "--hard-limit", "8", timeout=300)
     took = time.perf_counter() - t
     log = proc.stdout + proc.stderr
     assert proc.returncode == 3, log[-3000:]
-    assert took < 120, f"took {took:.0f}s after a 25 s hard limit"
+    assert took < 120, f"took {took:.0f}s after an 8 s hard limit"
     got = block(out / "RESULTS.md")
-    assert "train stage: stopped (hard limit of 25s)" in got
+    assert "train stage: stopped (hard limit of 8s)" in got
     assert "| CPU dry run | tokens/s |" in got
     workspace = re.search(r"workspace (\S+)", log)
     assert workspace, log[-2000:]
