@@ -326,7 +326,8 @@ def stage_rows(args: argparse.Namespace, budget: float) -> Path | None:
         # wheels, say): the stage's own command still gives the row, if there is time for it.
         log(f"train stage: {error}")
         NOTES.append(f"train stage: `dvc exp run` failed before training ({error[:300]})")
-        if left(budget) - (STAGE_RESERVE if args.device == "cuda" else 10) < 60:
+        reserve, needs = (STAGE_RESERVE, 60) if args.device == "cuda" else (10, 20)
+        if left(budget) - reserve < needs:
             raise RuntimeError(error)
         how, wall2, error = run_stage(args, root, budget, direct=True)
         wall += wall2

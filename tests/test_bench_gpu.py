@@ -155,3 +155,32 @@ def test_decode_rows_fall_back_to_eager_when_the_compiled_step_fails(monkeypatch
     assert all(r["tokens_per_s"] > 0 for r in rows[1:])
     assert [c for c in calls if c[1]] == [(1, True)], "compiled once, never again after failing"
     assert rows[1]["vs_transformers"] == rows[1]["tokens_per_s"] / rows[2]["tokens_per_s"]
+
+
+@pytest.mark.slow
+def test_dvc_failing_before_training_falls_back_to_the_stage_command(tmp_path: Path) -> None:
+    """A dvc that imports but cannot run (a carried wheel at odds with the image's packages)
+    costs seconds, not the stage: `python -m stages.train` gives the row, and the note says why."""
+    fake = tmp_path / "fake" / "dvc"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('__version__ = "0+broken"\n', encoding="utf-8")
+    (fake / "__main__.py").write_text(
+        "import sys\nsys.exit(\"ImportError: cannot import name 'glob' from 'fsspec'\")\n",
+        encoding="utf-8",
+    )
+    env_path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(fake.parent) + (os.pathsep + env_path if env_path else "")
+    try:
+        proc = gpu_sh(tmp_path / "out", "--budget", "60")
+    finally:
+        if env_path is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = env_path
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    got = block(tmp_path / "out" / "RESULTS.md")
+    assert "dvc 0+broken" in got, "the broken dvc is the one that ran"
+    assert re.search(r"\| train stage, `python -m stages.train`, seed recipe 8 steps", got)
+    assert "train stage: `dvc exp run` failed before training (dvc exp run -s train exit 1: " in got
+    assert "cannot import name 'glob' from 'fsspec'" in got
