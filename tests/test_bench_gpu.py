@@ -184,3 +184,39 @@ def test_dvc_failing_before_training_falls_back_to_the_stage_command(tmp_path: P
     assert re.search(r"\| train stage, `python -m stages.train`, seed recipe 8 steps", got)
     assert "train stage: `dvc exp run` failed before training (dvc exp run -s train exit 1: " in got
     assert "cannot import name 'glob' from 'fsspec'" in got
+
+
+def test_a_stage_stopped_by_its_time_limit_keeps_the_steps_it_logged(monkeypatch) -> None:
+    """The stage writes plots/train.csv and metrics/train.json at every logged step; when the
+    time limit stops it, its row is made from those (steady rate = median after the first
+    interval) and says it was stopped, rather than the stage giving no row at all."""
+    import argparse
+    import json
+
+    import benchmarks.bench_gpu as bg
+
+    def stopped_stage(args, root, budget, *, direct=False):
+        (root / "plots").mkdir()
+        (root / "metrics").mkdir()
+        rows = [(2, 50.0), (4, 300.0), (6, 200.0)]  # the first interval holds compilation
+        (root / "plots" / "train.csv").write_text(
+            "step,train_loss,val_loss,lr,grad_norm,tokens_per_s,mfu\n"
+            + "".join(f"{s},10.5,,0.001,1.0,{t},\n" for s, t in rows),
+            encoding="utf-8",
+        )
+        m = {"steps": 6, "tokens": 6 * 512, "tokens_per_s": 200.0, "precision": "fp32"}
+        m |= {"micro_batch": 4, "final_train_loss": 10.5}
+        (root / "metrics" / "train.json").write_text(json.dumps({"train": m}), encoding="utf-8")
+        return "dvc exp run -s train", 40.0, "dvc exp run -s train stopped by the time limit"
+
+    monkeypatch.setattr(bg, "run_stage", stopped_stage)
+    monkeypatch.setattr(bg, "ROWS", [])
+    monkeypatch.setattr(bg, "NOTES", [])
+    args = argparse.Namespace(dry_run=True, device="cpu", stage_steps=8)
+    assert bg.stage_rows(args, budget=300) is None  # no checkpoint was written
+    (row,) = bg.ROWS
+    assert "seed recipe 6 of 8 steps" in row["what"]
+    assert row["tokens/s"] == 250.0  # median of 300 and 200; the compiling interval left out
+    assert row["ms/step"] == 1e3 * 512 / 250.0
+    assert "stopped by the time limit" in row["notes"]
+    assert any("stopped by the time limit" in n for n in bg.NOTES)
