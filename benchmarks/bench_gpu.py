@@ -273,8 +273,15 @@ def run_stage(
         cmd = [sys.executable, "-m", "stages.train"]
     else:
         how = "dvc exp run -s train"
-        if commit_workspace(root, env) == "dulwich":
-            NOTES.append("train stage: no git binary here; the workspace was committed by dulwich")
+        try:
+            if commit_workspace(root, env) == "dulwich":
+                NOTES.append(
+                    "train stage: no git binary here; the workspace was committed by dulwich"
+                )
+        except (OSError, subprocess.CalledProcessError) as e:  # no commit: no `dvc exp run`
+            why = getattr(e, "stderr", b"") or b""
+            why = why.decode(errors="replace").strip().splitlines()[-1:] or [str(e)]
+            return how, 0.0, f"committing the workspace failed: {why[0][:300]}"
         cmd = [sys.executable, "-m", "dvc", "exp", "run", "-s", "train", *sets]
     reserve = STAGE_RESERVE if args.device == "cuda" else 10
     timeout = max(30.0, left(budget) - reserve)
