@@ -15,6 +15,7 @@
 # Usage: [GEMMA3_COMMIT=<sha>] bash benchmarks/gpu.sh [--budget 300] [--stage-steps 48] [--dry-run]
 #        GEMMA3_GPU_BENCH_DEVICE=cpu bash benchmarks/gpu.sh   # the same path on CPU, tiny preset
 set -uo pipefail
+export GEMMA3_GPU_T0=${GEMMA3_GPU_T0:-$(date +%s.%N)} # bench_gpu.py's budget counts from here
 cd "$(dirname "$0")/.." || exit 1
 out=${OUT:-/tmp}
 export OUT=$out
@@ -34,8 +35,8 @@ if compgen -G ".whl/*.whl" >/dev/null && ! python3 -c "import dvc, dulwich, gpt3
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# bench_gpu.py stops itself at its hard limit (budget + 30 s) after writing the table; this is
-# the backstop for a hang it cannot interrupt (it writes the table on SIGTERM too).
+# bench_gpu.py stops itself at its hard limit (budget + 30 s from this script's start) after
+# writing the table; this is the backstop for a hang it cannot interrupt (SIGTERM writes it too).
 budget=300 prev=
 for a in "$@"; do
   [ "$prev" = --budget ] && budget=$a
@@ -43,7 +44,7 @@ for a in "$@"; do
   prev=$a
 done
 status=0
-timeout -k 10 $((${budget%.*} + 50)) python3 benchmarks/bench_gpu.py "$@" 2>&1 | tee "$out/gpu_bench.log" || status=$?
+timeout -k 10 $((${budget%.*} + 45)) python3 benchmarks/bench_gpu.py "$@" 2>&1 | tee "$out/gpu_bench.log" || status=$?
 if [ -f "$out/RESULTS.md" ]; then
   echo "gpu.sh: the table is in $out/RESULTS.md (exit $status)"
 else

@@ -53,20 +53,22 @@ def path_without_git(tmp_path: Path) -> str:
 
 
 @pytest.mark.slow
-def test_dry_run_without_git_writes_the_table_to_out(tmp_path: Path) -> None:
+def test_dry_run_without_git_and_out_of_time_writes_the_table_to_out(tmp_path: Path) -> None:
     """No git binary (the lent machine may lack one): the stage's workspace is committed by
-    dulwich and still runs through `dvc exp run`; the table lands in $OUT/RESULTS.md (the repo's
-    RESULTS.md with its GPU block replaced), the repo's own file is left alone, and a section that
-    would not fit the budget is skipped and says so."""
+    dulwich and still runs through `dvc exp run`; a stage longer than its time gives its row from
+    the steps it logged; the table lands in $OUT/RESULTS.md (the repo's RESULTS.md with its GPU
+    block replaced), the repo's own file is left alone, and a section that would not fit the
+    budget is skipped and says so."""
     pytest.importorskip("dvc")
     pytest.importorskip("dulwich")
     before = (REPO / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")
     nogit = path_without_git(tmp_path)
     assert shutil.which("git", path=nogit) is None
     out = tmp_path / "out"
-    # Budget: the stage, the eager step and decode fit; the compiled step (minutes on a CPU,
-    # needs 30 s of budget) does not.
-    proc = gpu_sh(out, "--budget", "100", path=nogit)
+    # 1000 steps do not fit the budget: the stage is stopped 10 s before it ends and its row
+    # comes from the steps it logged; the eager step (5 s) still runs, the compiled one (2 min
+    # on a CPU) is skipped.
+    proc = gpu_sh(out, "--budget", "100", "--stage-steps", "1000", path=nogit)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "committed by dulwich" in log
@@ -77,7 +79,8 @@ def test_dry_run_without_git_writes_the_table_to_out(tmp_path: Path) -> None:
         "only the block changes"
     )
     assert "**CPU dry run**, commit test" in got
-    assert re.search(r"\| train stage, `dvc exp run -s train`, seed recipe \d+ (of 8 )?steps", got)
+    assert re.search(r"\| train stage, `dvc exp run -s train`, seed recipe \d+ of 1000 steps", got)
+    assert "train stage: dvc exp run -s train stopped by the time limit after" in got
     assert "| same step, eager, micro-batch 4 x 4 |" in got
     assert "compiled step, the recipe's split: skipped (time budget)" in got
     assert (out / "gpu_bench.log").is_file() and (out / "train_stage.log").is_file()
@@ -90,13 +93,13 @@ def test_hard_limit_writes_the_table_and_stops_the_stage(tmp_path: Path) -> None
     pytest.importorskip("dvc")
     out = tmp_path / "out"
     t = time.perf_counter()
-    proc = gpu_sh(out, "--hard-limit", "8", timeout=300)
+    proc = gpu_sh(out, "--hard-limit", "15", "--stage-steps", "1000", timeout=300)
     took = time.perf_counter() - t
     log = proc.stdout + proc.stderr
     assert proc.returncode == 3, log[-3000:]
-    assert took < 120, f"took {took:.0f}s after an 8 s hard limit"
+    assert took < 120, f"took {took:.0f}s after a 15 s hard limit"
     got = block(out / "RESULTS.md")
-    assert "train stage: stopped (hard limit of 8s)" in got
+    assert "train stage: stopped (hard limit of 15s)" in got
     assert "| CPU dry run | tokens/s |" in got
     workspace = re.search(r"workspace (\S+)", log)
     assert workspace, log[-2000:]
