@@ -528,6 +528,7 @@ def table(title: str) -> str:
             d = r["decode"]
             vs = d.get("vs_transformers")
             note = f"{vs:.2f}x transformers" if isinstance(vs, (int, float)) else ""
+            note = "; ".join(x for x in (note, d.get("note")) if x)
             note = d.get("error") or (f"skipped ({d['skipped']})" if d.get("skipped") else note)
             r = {**r, "tokens/s": d.get("tokens_per_s"), "peak GiB": d.get("peak_mem_gib")}
             r["notes"] = note
