@@ -4,16 +4,22 @@ decode rows, peak memory; one table, and the GPU section of benchmarks/RESULTS.m
 Made for a lent GPU machine without network (see benchmarks/gpu.sh), within a time budget:
 sections run in order of what they tell, each in its own guard (a failure prints one line and the
 next section runs), and a section that would not fit in the time left is skipped, so the table
-always prints. `--dry-run` (or GEMMA3_GPU_BENCH_DEVICE=cpu) runs the same path on the CPU with the
-tiny preset and a few steps, to test the script itself; it never writes RESULTS.md.
+always prints. The table is written after every section (and every decode row) into
+benchmarks/RESULTS.md and $OUT/RESULTS.md, so a run stopped part way leaves what it measured; at
+the hard limit (budget + 30 s) or on SIGTERM the script writes it, stops the stage and exits 3.
+`--dry-run` (or GEMMA3_GPU_BENCH_DEVICE=cpu) runs the same path on the CPU with the tiny preset
+and a few steps, to test the script itself; it writes only $OUT/RESULTS.md (a copy of
+benchmarks/RESULTS.md with its table), never benchmarks/RESULTS.md.
 
 Rows:
 - the train stage itself: a temp git + DVC copy of this repository, synthetic Zipf-distributed
   tokens (GPT-2 vocabulary) written there as data/tokens, `dvc exp run -s train` with the seed
   recipe (`gemma3 recipe seed-270m`) and max_steps shortened; tokens/s and MFU are the stage's
   own (plots/train.csv, metrics/train.json), steady state = median of the logged intervals after
-  the first (which holds compilation). Without dvc or git it runs `python -m stages.train` there
-  and says so.
+  the first (which holds compilation). Without a git binary the copy is committed by dulwich
+  (`dvc exp run` needs no git binary); without dvc, or when `dvc exp run` fails before the
+  trainer logs a step, it runs `python -m stages.train` there and says so. A stage stopped by
+  the time limit still gives its row from the intervals it logged.
 - the same optimizer step (131,072 tokens) in this script's own loop: eager at the stage's
   micro-batch, compiled at the recipe's 32 x 32 split.
 - decode at batch 1 and 32, ours vs transformers, from benchmarks/bench_gpu_decode.py when it
@@ -33,10 +39,12 @@ import math
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,6 +65,15 @@ from gemma3.runtime import peak_flops  # noqa: E402
 ROWS: list[dict[str, Any]] = []
 NOTES: list[str] = []
 T0 = time.perf_counter()
+# The budget and the hard limit count from gpu.sh's start (wheel install and torch's import from a
+# cold disk included), so the whole call keeps to its minutes.
+with contextlib.suppress(ValueError):
+    T0 -= min(120.0, max(0.0, time.time() - float(os.environ.get("GEMMA3_GPU_T0", "x"))))
+# What the watchdog and publish() need to know: the section running, the stage's process (its
+# group is killed on the hard limit), the table's header, where the table goes.
+NOW: dict[str, Any] = {"section": "start", "stage": None, "title": "", "header": "", "targets": []}
+LOCK = threading.RLock()
+STAGE_RESERVE = 75  # seconds the train stage leaves to the sections after it (GPU)
 BEGIN, END = "<!-- gpu.sh: begin -->", "<!-- gpu.sh: end -->"
 # The files a pipeline copy needs (as tests/dvcrepo.py copies them).
 PROJECT_FILES = ("gemma3", "stages", "dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config")
@@ -87,6 +104,7 @@ def section(name: str, budget: float, needs: float) -> Iterator[bool]:
         yield False
         return
     log(f"--- {name}")
+    NOW["section"] = name
     try:
         yield True
     except Exception as e:  # one section failing must not lose the others
@@ -95,7 +113,9 @@ def section(name: str, budget: float, needs: float) -> Iterator[bool]:
         NOTES.append(f"{name}: failed ({type(e).__name__}: {first})")
     finally:
         if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+            with contextlib.suppress(Exception):  # a broken context must not stop the table
+                torch.cuda.empty_cache()
+        publish()  # after every section: a run stopped later still leaves this much
 
 
 # ---- what runs where ----------------------------------------------------------------------
@@ -112,7 +132,8 @@ def versions() -> dict[str, str]:
         out["cuda"] = str(torch.version.cuda)
         with contextlib.suppress(Exception):
             smi = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
-            out["driver"] = subprocess.run(smi, capture_output=True, text=True).stdout.strip()
+            run = subprocess.run(smi, capture_output=True, text=True, timeout=20)
+            out["driver"] = run.stdout.strip()
     return out
 
 
@@ -121,15 +142,12 @@ def commit() -> str:
     if given:
         return given
     try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True
-        )
+        git = {"cwd": REPO, "capture_output": True, "text": True, "timeout": 20}
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **git)
+        dirty = subprocess.run(["git", "status", "--porcelain"], **git)
         if rev.returncode == 0:
             return rev.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout else "")
-    except OSError:
+    except (OSError, subprocess.TimeoutExpired):
         pass
     return "unknown (no git here; pass GEMMA3_COMMIT)"
 
@@ -211,37 +229,97 @@ def stage_settings(args: argparse.Namespace) -> list[str]:
     return dvc_set_args(recipe)
 
 
-def run_stage(args: argparse.Namespace, root: Path, timeout: float) -> tuple[str, float]:
-    """`dvc exp run -s train` in a git + DVC copy; `python -m stages.train` without dvc/git."""
-    env, sets = tool_env(root), stage_settings(args)
-    have_dvc = subprocess.run([sys.executable, "-c", "import dvc"], capture_output=True)
-    how = "dvc exp run -s train"
-    if shutil.which("git") is None or have_dvc.returncode != 0:
-        how = "python -m stages.train (no dvc/git here)"
-        NOTES.append("train stage: dvc or git missing, ran `python -m stages.train` directly")
-        from gemma3.params import ParamsLoader
-        from gemma3.recipes import apply
-
-        params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
-        pairs = (s.split("=", 1) for s in sets[1::2])  # sets is ["-S", "key=value", ...]
-        flat = {k: yaml.load(v, Loader=ParamsLoader) for k, v in pairs}  # noqa: S506
-        text = yaml.safe_dump(apply(params, flat), sort_keys=False)
-        (root / "params.yaml").write_text(text, encoding="utf-8")
-        cmd = [sys.executable, "-m", "stages.train"]
-    else:
+def commit_workspace(root: Path, env: dict[str, str]) -> str:
+    """Make `root` a git repository with one commit: with git, else with dulwich (a DVC
+    dependency, carried in .whl; `dvc exp run` itself needs no git binary). Returns which."""
+    if shutil.which("git") is not None:
         for c in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "gpu.sh"]):
             subprocess.run(c, cwd=root, env=env, check=True, capture_output=True)
-        cmd = [sys.executable, "-m", "dvc", "exp", "run", "-s", "train", *sets]
-    log(f"{how}: {' '.join(sets)}")
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
-    wall = time.perf_counter() - t
-    (Path(os.environ.get("OUT", root)) / "train_stage.log").write_text(
-        proc.stdout + "\n--- stderr ---\n" + proc.stderr, encoding="utf-8"
+        return "git"
+    code = (
+        "import sys; from dulwich import porcelain as p; r = sys.argv[1]; p.init(r); p.add(r); "
+        "p.commit(r, message=b'gpu.sh', author=b'gpu.sh <gpu.sh@localhost>', "
+        "committer=b'gpu.sh <gpu.sh@localhost>')"
     )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{how} exit {proc.returncode}: {proc.stderr.strip()[-600:]}")
-    return how, wall
+    subprocess.run(
+        [sys.executable, "-c", code, str(root)], env=env, check=True, capture_output=True
+    )
+    return "dulwich"
+
+
+def apply_settings(root: Path, sets: list[str]) -> None:
+    """Write the `-S` overrides into params.yaml, as `dvc exp run -S` would."""
+    from gemma3.params import ParamsLoader
+    from gemma3.recipes import apply
+
+    params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
+    pairs = (s.split("=", 1) for s in sets[1::2])  # sets is ["-S", "key=value", ...]
+    flat = {k: yaml.load(v, Loader=ParamsLoader) for k, v in pairs}  # noqa: S506
+    text = yaml.safe_dump(apply(params, flat), sort_keys=False)
+    (root / "params.yaml").write_text(text, encoding="utf-8")
+
+
+def run_stage(
+    args: argparse.Namespace, root: Path, budget: float, *, direct: bool = False
+) -> tuple[str, float, str | None]:
+    """`dvc exp run -s train` in a git + DVC copy (`python -m stages.train` without dvc, or with
+    `direct`), stopped (its whole process group) when the time left to it is spent.
+    Returns how it ran, its wall time and why it failed (None when it finished)."""
+    env, sets = tool_env(root), stage_settings(args)
+    have_dvc = subprocess.run([sys.executable, "-c", "import dvc, dulwich"], capture_output=True)
+    if direct or have_dvc.returncode != 0:
+        how = "python -m stages.train" + ("" if direct else " (no dvc here)")
+        if not direct:
+            NOTES.append("train stage: dvc is not importable here, ran `python -m stages.train`")
+        apply_settings(root, sets)
+        cmd = [sys.executable, "-m", "stages.train"]
+    else:
+        how = "dvc exp run -s train"
+        try:
+            if commit_workspace(root, env) == "dulwich":
+                NOTES.append(
+                    "train stage: no git binary here; the workspace was committed by dulwich"
+                )
+        except (OSError, subprocess.CalledProcessError) as e:  # no commit: no `dvc exp run`
+            why = getattr(e, "stderr", b"") or b""
+            why = why.decode(errors="replace").strip().splitlines()[-1:] or [str(e)]
+            return how, 0.0, f"committing the workspace failed: {why[0][:300]}"
+        cmd = [sys.executable, "-m", "dvc", "exp", "run", "-s", "train", *sets]
+    reserve = STAGE_RESERVE if args.device == "cuda" else 10
+    timeout = max(30.0, left(budget) - reserve)
+    log(f"{how} (at most {timeout:.0f}s): {' '.join(sets)}")
+    logfile = Path(os.environ.get("OUT") or root.parent) / "train_stage.log"
+    t = time.perf_counter()
+    with open(logfile, "a", encoding="utf-8") as out:
+        out.write(f"$ {' '.join(cmd)}\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+        NOW["stage"] = proc
+        try:
+            code = proc.wait(timeout=timeout)
+            error = None if code == 0 else f"{how} exit {code}: {tail(logfile)}"
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            error = f"{how} stopped by the time limit after {timeout:.0f}s"
+        finally:
+            NOW["stage"] = None
+    return how, time.perf_counter() - t, error
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """The stage and everything it started (dvc's trainer, compile workers)."""
+    with contextlib.suppress(OSError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        proc.wait(timeout=10)
+
+
+def tail(path: Path, n: int = 400) -> str:
+    """The last non-empty line of a log that says something, cut to `n` characters."""
+    lines = [x.strip() for x in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    lines = [x for x in lines if x and not x.startswith("$ ")]
+    return (lines[-1] if lines else "(no output)")[-n:]
 
 
 def stage_rows(args: argparse.Namespace, budget: float) -> Path | None:
@@ -249,13 +327,47 @@ def stage_rows(args: argparse.Namespace, budget: float) -> Path | None:
     root.mkdir()
     n = 20_000 if args.dry_run else 10_000_000
     make_workspace(root, n_train=n, n_val=max(n // 20, 20_000))
-    how, wall = run_stage(args, root, timeout=max(30.0, left(budget) - 20))
-    m = json.loads((root / "metrics/train.json").read_text(encoding="utf-8"))["train"]
-    with open(root / "plots/train.csv", newline="", encoding="utf-8") as f:
+    log(f"workspace {root}")
+    how, wall, error = run_stage(args, root, budget)
+    plots = root / "plots" / "train.csv"
+    if error and how.startswith("dvc") and not plots.exists():
+        # dvc failed before the trainer logged anything (a version conflict among the carried
+        # wheels, say): the stage's own command still gives the row, if there is time for it.
+        log(f"train stage: {error}")
+        NOTES.append(f"train stage: `dvc exp run` failed before training ({error[:300]})")
+        reserve, needs = (STAGE_RESERVE, 60) if args.device == "cuda" else (10, 20)
+        if left(budget) - reserve < needs:
+            raise RuntimeError(error)
+        how, wall2, error = run_stage(args, root, budget, direct=True)
+        wall += wall2
+    if not plots.exists():
+        raise RuntimeError(error or "the stage logged no step")
+    with open(plots, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
+    m = json.loads((root / "metrics/train.json").read_text(encoding="utf-8"))["train"]
+    if not rows:
+        raise RuntimeError(error or "the stage logged no step")
+    if error:
+        log(f"train stage: {error}")
+        NOTES.append(f"train stage: {error[:300]}; its row holds the steps logged until then")
     log(f"stage: {wall:.0f}s wall; metrics {m}")
     for r in rows:
         log("  " + ", ".join(f"{k}={v}" for k, v in r.items() if v))
+    stage_row(args, how, wall, m, rows, stopped=error is not None)
+    best = root / "checkpoints" / "best"
+    return best if (best / "config.json").is_file() else None
+
+
+def stage_row(
+    args: argparse.Namespace,
+    how: str,
+    wall: float,
+    m: dict[str, Any],
+    rows: list[dict[str, str]],
+    *,
+    stopped: bool,
+) -> None:
+    """The stage's rows in the table, from its own plots/train.csv and metrics/train.json."""
     # Steady state: the logged intervals after the first (which holds compilation).
     steady = [float(r["tokens_per_s"]) for r in rows[1:] if r["tokens_per_s"]]
     tps = statistics.median(steady) if steady else float(m["tokens_per_s"] or 0)
@@ -263,19 +375,21 @@ def stage_rows(args: argparse.Namespace, budget: float) -> Path | None:
     preset, block = ("gemma3-tiny", 32) if args.dry_run else ("gemma3-270m", 128)
     pad = 64 if args.device == "cuda" else 1  # train.vocab_pad_multiple: auto
     fpt = Config.from_name(preset, vocab_pad_multiple=pad).flops_per_token(block)
-    tokens_per_step = m["tokens"] / m["steps"]
+    tokens_per_step = m["tokens"] / m["steps"] if m.get("steps") else None
+    steps = f"{m['steps']} of {args.stage_steps}" if stopped else f"{args.stage_steps}"
     ROWS.append(
         {
-            "what": f"train stage, `{how}`, seed recipe {args.stage_steps} steps"
+            "what": f"train stage, `{how}`, seed recipe {steps} steps"
             + (" (tiny preset)" if args.dry_run else "")
-            + ", "
-            f"{m['precision']}, micro-batch {m.get('micro_batch')}",
+            + f", {m['precision']}, micro-batch {m.get('micro_batch')}",
             "tokens/s": tps,
             "MFU": fpt * tps / peak if peak else None,
-            "ms/step": 1e3 * tokens_per_step / tps if tps else None,
+            "ms/step": 1e3 * tokens_per_step / tps if tps and tokens_per_step else None,
             "peak GiB": m.get("peak_memory_gib"),
-            "notes": f"{wall:.0f}s stage wall (compile included); final loss "
-            f"{m['final_train_loss']}",
+            "notes": f"{wall:.0f}s stage wall (compile included"
+            + ("; stopped by the time limit" if stopped else "")
+            + f"); median of {len(steady)} logged intervals after the first; "
+            f"final loss {m['final_train_loss']}",
         }
     )
     if m.get("val_tokens_per_s"):
@@ -285,7 +399,7 @@ def stage_rows(args: argparse.Namespace, budget: float) -> Path | None:
                 "what": "train stage validation (forward only, inference mode)",
                 "tokens/s": vt,
                 "MFU": m.get("val_mfu"),
-                "notes": f"{m['steps']} steps' last validation pass",
+                "notes": f"the last validation pass (step {m['steps']})",
             }
         )
         if not args.dry_run and tps:
@@ -297,8 +411,6 @@ def stage_rows(args: argparse.Namespace, budget: float) -> Path | None:
                 "(245,760,000 training tokens + 118 validations of 2,048,000 tokens; "
                 "checkpoint writes and compilation not included)"
             )
-    best = root / "checkpoints" / "best"
-    return best if best.is_dir() else None
 
 
 # ---- the step in this script's own loop ---------------------------------------------------
@@ -373,23 +485,32 @@ def train_rate(
 # ---- decode (the gen branch's module, when it is in this build) ---------------------------
 
 
-def decode_section(device: str, ckpt: Path | None) -> None:
+def decode_section(device: str, ckpt: Path | None, deadline: float, new_tokens: int) -> None:
+    """Decode rows (ours vs transformers), each in the table as soon as it is measured."""
     try:
         from benchmarks.bench_gpu_decode import decode_rows
     except ImportError:
         log("decode: not available in this build")
         NOTES.append("decode: not available in this build (benchmarks/bench_gpu_decode.py)")
         return
-    for r in decode_rows(device, str(ckpt) if ckpt is not None else None):
-        vs = r.get("vs_transformers")
-        ROWS.append(
-            {
-                "what": f"decode: {r['setup']}",
-                "tokens/s": r.get("tokens_per_s"),
-                "peak GiB": r.get("peak_mem_gib"),
-                "notes": f"{vs:.2f}x transformers" if isinstance(vs, (int, float)) else "",
-            }
-        )
+    import importlib.util
+
+    theirs = importlib.util.find_spec("transformers") is not None
+    if not theirs:
+        NOTES.append("decode: transformers is not installed here; its rows are missing")
+
+    def add(r: dict[str, Any]) -> None:
+        with LOCK:
+            ROWS.append({"what": f"decode: {r['setup']}", "decode": r})
+        state = r.get("error") or r.get("skipped") or f"{r['tokens_per_s']:,.1f} tokens/s"
+        log(f"decode: {r['setup']}: {state}")
+        publish()
+
+    ckpt_dir = str(ckpt) if ckpt is not None else None
+    if ckpt is None:
+        NOTES.append("decode: random weights (the train stage left no checkpoint)")
+    decode_rows(device, ckpt_dir, new_tokens=new_tokens, transformers=theirs, deadline=deadline,
+                on_row=add)  # fmt: skip
 
 
 # ---- the table and RESULTS.md -------------------------------------------------------------
@@ -403,6 +524,14 @@ def table(title: str) -> str:
     lines = [f"| {title} | tokens/s | MFU | ms/step | peak GiB | notes |"]
     lines.append("| --- | ---: | ---: | ---: | ---: | --- |")
     for r in ROWS:
+        if "decode" in r:  # filled in place by decode_rows (vs transformers comes later)
+            d = r["decode"]
+            vs = d.get("vs_transformers")
+            note = f"{vs:.2f}x transformers" if isinstance(vs, (int, float)) else ""
+            note = "; ".join(x for x in (note, d.get("note")) if x)
+            note = d.get("error") or (f"skipped ({d['skipped']})" if d.get("skipped") else note)
+            r = {**r, "tokens/s": d.get("tokens_per_s"), "peak GiB": d.get("peak_mem_gib")}
+            r["notes"] = note
         lines.append(
             f"| {r['what']} | {f(r.get('tokens/s'), ',.0f')} | {f(r.get('MFU'), '.1%')} "
             f"| {f(r.get('ms/step'), '.0f')} | {f(r.get('peak GiB'), '.1f')} "
@@ -411,39 +540,88 @@ def table(title: str) -> str:
     return "\n".join(lines)
 
 
-def write_results(path: Path, header: str, body: str) -> None:
-    """Replace the block between the gpu.sh markers in RESULTS.md (appended when absent)."""
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
+def write_results(path: Path, header: str, body: str, base: str | None = None) -> None:
+    """Replace the block between the gpu.sh markers in RESULTS.md (appended when absent);
+    `base` is the text to put it in (default: the file's own)."""
+    if base is None:
+        base = path.read_text(encoding="utf-8") if path.exists() else ""
     block = f"{BEGIN}\n{header}\n\n{body}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
+    if BEGIN in base and END in base:
+        head, rest = base.split(BEGIN, 1)
         text = head + block + rest.split(END, 1)[1]
     else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text, encoding="utf-8")
+        text = base.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)  # a run stopped mid-write leaves the previous table, not half of one
+
+
+def body() -> str:
+    return NOW["title"] and table(NOW["title"]) + (
+        "\n\n" + "\n".join(f"- {n}" for n in NOTES) if NOTES else ""
+    )
+
+
+def publish(final: bool = False) -> None:
+    """Write the table as it stands into every target (RESULTS.md, $OUT/RESULTS.md)."""
+    with LOCK:
+        if not NOW["targets"]:
+            return
+        took = time.perf_counter() - T0
+        state = f"{took:.0f}s in the script" if final else (
+            f"**partial: {took:.0f}s into the script, written after {NOW['section']}**"
+        )  # fmt: skip
+        header = NOW["header"].replace("{state}", state)
+        for path, base in NOW["targets"]:
+            try:
+                write_results(path, header, body(), base)
+            except OSError as e:
+                log(f"could not write {path}: {e}")
+
+
+def stop_now(why: str) -> None:
+    """The hard limit (or SIGTERM): stop the stage, write the table, exit 3."""
+    with LOCK:
+        log(f"STOPPED: {why}, during {NOW['section']}; writing the table")
+        NOTES.append(f"{NOW['section']}: stopped ({why})")
+        if NOW["stage"] is not None:
+            kill_group(NOW["stage"])
+        publish(final=True)
+        print("\n" + body(), flush=True)
+    os._exit(3)
+
+
+def start_watchdog(hard: float) -> None:
+    """Past `hard` seconds (from the script's start) the table is written and the script ends,
+    wherever it is (a compilation that overruns its estimate, a hang)."""
+    timer = threading.Timer(max(1.0, hard - (time.perf_counter() - T0)), stop_now,
+                            args=(f"hard limit of {hard:.0f}s",))  # fmt: skip
+    timer.daemon = True
+    timer.start()
+    signal.signal(signal.SIGTERM, lambda *_: stop_now("SIGTERM"))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=300, help="seconds; later sections skip")
-    ap.add_argument("--stage-steps", type=int, default=48, help="train stage max_steps")
+    ap.add_argument("--hard-limit", type=float, help="seconds; the table is written and the "
+                    "script stops, wherever it is (default: budget + 30)")  # fmt: skip
+    ap.add_argument("--stage-steps", type=int, help="train stage max_steps (48; dry run 8)")
     ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps per bench row")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny preset: tests the script")
     ap.add_argument("--results", type=Path, help="RESULTS.md to write (default: on CUDA only)")
     args = ap.parse_args()
     args.dry_run = args.dry_run or os.environ.get("GEMMA3_GPU_BENCH_DEVICE") == "cpu"
     args.device = "cpu" if args.dry_run else "cuda"
+    args.stage_steps = args.stage_steps or (8 if args.dry_run else 48)
     if args.dry_run:
-        args.stage_steps = min(args.stage_steps, 8)
         args.steps = min(args.steps, 2)
     elif not torch.cuda.is_available():
         print("bench_gpu: no CUDA device visible (--dry-run runs on the CPU)", file=sys.stderr)
         return 2
     if args.results is None and not args.dry_run:
         args.results = REPO / "benchmarks" / "RESULTS.md"
-    card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU dry run"
-    v, rev = versions(), commit()
-    log(f"{card}; commit {rev}; " + ", ".join(f"{k} {x}" for k, x in v.items()))
+    start(args)
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         with section("bf16 matmul", args.budget, 5) as ok:
@@ -453,42 +631,74 @@ def main() -> int:
     with section("train stage", args.budget, 150 if not args.dry_run else 30) as ok:
         if ok:
             ckpt = stage_rows(args, args.budget)
+    bench_steps(args, compiled=False)  # seconds: before decode, which may use all that is left
     with section("decode", args.budget, 60 if not args.dry_run else 10) as ok:
         if ok:
-            decode_section(args.device, ckpt)
-    preset = "gemma3-tiny" if args.dry_run else "gemma3-270m"
-    block, rows = (32, 16) if args.dry_run else (128, 1024)  # the stage's rows per step
-    cfg = Config.from_name(preset, vocab_pad_multiple=64 if args.device == "cuda" else 1)
-    fpt = cfg.flops_per_token(block)
-    micro = 4 if args.dry_run else 256
-    torch.manual_seed(0)
-    model = Gemma3ForCausalLM(cfg).to(args.device)
-    with section("eager step", args.budget, 30 if not args.dry_run else 5) as ok:
-        if ok:
-            label = f"same step, eager, micro-batch {micro} x {rows // micro}"
-            train_rate(label, model, micro, rows // micro, block, args.device, compiled=False,
-                       steps=args.steps, fpt=fpt)  # fmt: skip
-    small = 4 if args.dry_run else 32
-    with section("compiled step, the recipe's split", args.budget, 100 if not args.dry_run else 30) as ok:  # fmt: skip
-        if ok:
-            label = (
-                f"same step, compiled, micro-batch {small} x {rows // small} (the recipe's split)"
-            )
-            train_rate(label, model, small, rows // small, block, args.device, compiled=True,
-                       steps=max(1, args.steps // 2), fpt=fpt)  # fmt: skip
-    header = (
+            new = 20 if args.dry_run else 200  # the dry run tests the path, not the CPU
+            decode_section(args.device, ckpt, deadline=T0 + args.budget - 10, new_tokens=new)
+    bench_steps(args, compiled=True)
+    publish(final=True)
+    print("\n" + body(), flush=True)
+    for path, _ in NOW["targets"]:
+        log(f"wrote {path}")
+    return 0
+
+
+def start(args: argparse.Namespace) -> None:
+    """The table's title, header and targets; the watchdog."""
+    card = "CPU dry run"
+    if args.device == "cuda":
+        try:
+            card = torch.cuda.get_device_name()
+        except Exception as e:  # noqa: BLE001 - the sections will say what is wrong
+            card = f"CUDA device ({type(e).__name__})"
+    v, rev = versions(), commit()
+    log(f"{card}; commit {rev}; " + ", ".join(f"{k} {x}" for k, x in v.items()))
+    NOW["title"] = card
+    NOW["header"] = (
         f"Measured by `bash benchmarks/gpu.sh` on **{card}**, commit {rev}, "
         + ", ".join(f"{k} {x}" for k, x in v.items())
-        + f"; {time.perf_counter() - T0:.0f}s in the script. 270M preset, block 128, bf16 "
-        "autocast, the seed recipe's 131,072 tokens per optimizer step. MFU against the card's "
-        "dense bf16 peak (989 TFLOP/s for H100/H200 SXM)."
+        + "; {state}. "
+        + (
+            "Tiny preset, block 32 (a dry run of the script, not a measurement)."
+            if args.dry_run
+            else "270M preset, block 128, bf16 autocast, the seed recipe's 131,072 tokens per "
+            "optimizer step. MFU against the card's dense bf16 peak (989 TFLOP/s for H100/H200 "
+            "SXM)."
+        )
     )
-    body = table(card) + ("\n\n" + "\n".join(f"- {n}" for n in NOTES) if NOTES else "")
-    print("\n" + body)
+    base = (REPO / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")
+    targets: list[tuple[Path, str | None]] = []
     if args.results is not None:
-        write_results(args.results, header, body)
-        log(f"wrote {args.results}")
-    return 0
+        targets.append((args.results, None))
+    if os.environ.get("OUT"):
+        out = Path(os.environ["OUT"]) / "RESULTS.md"
+        if args.results is None or out.resolve() != args.results.resolve():
+            targets.append((out, base))
+    NOW["targets"] = targets
+    start_watchdog(args.hard_limit or args.budget + 30)
+
+
+def bench_steps(args: argparse.Namespace, *, compiled: bool) -> None:
+    """The stage's optimizer step in this script's loop: eager at the stage's micro-batch, or
+    compiled at the recipe's 32 x 32 split."""
+    preset = "gemma3-tiny" if args.dry_run else "gemma3-270m"
+    block, rows = (32, 16) if args.dry_run else (128, 1024)  # the stage's rows per step
+    micro = (4 if args.dry_run else 32) if compiled else (4 if args.dry_run else 256)
+    if compiled:
+        name, needs = "compiled step, the recipe's split", 100 if not args.dry_run else 120
+        label = f"same step, compiled, micro-batch {micro} x {rows // micro} (the recipe's split)"
+    else:
+        name, needs = "eager step", 30 if not args.dry_run else 5
+        label = f"same step, eager, micro-batch {micro} x {rows // micro}"
+    with section(name, args.budget, needs) as ok:
+        if ok:
+            cfg = Config.from_name(preset, vocab_pad_multiple=64 if args.device == "cuda" else 1)
+            torch.manual_seed(0)
+            model = Gemma3ForCausalLM(cfg).to(args.device)
+            steps = max(1, args.steps // 2) if compiled else args.steps
+            train_rate(label, model, micro, rows // micro, block, args.device, compiled=compiled,
+                       steps=steps, fpt=cfg.flops_per_token(block))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -505,6 +505,8 @@ def tokenize_section() -> list[str]:
     res = fn()
     if isinstance(res, str):
         return out + [res]
+    if hasattr(mod, "markdown"):  # rows as a table (bench_tokenize's own layout)
+        return out + mod.markdown(res).splitlines()
     return out + [str(line) for line in res]
 
 

@@ -563,6 +563,13 @@ class Gemma3ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.emb_dim, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # sqrt(emb_dim) rounded to the activations' dtype (HF multiplies by a bf16 25.25, not
+        # 25.298, in a bf16 model), kept as Python numbers: a tensor made in forward would be a
+        # blocking host-to-device copy on every call of the eager model on a GPU.
+        self.embed_scale = {
+            dt: torch.tensor(math.sqrt(cfg.emb_dim), dtype=dt, device="cpu").item()
+            for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+        }
         self.reset_parameters()
 
     @torch.no_grad()
@@ -594,7 +601,7 @@ class Gemma3ForCausalLM(nn.Module):
         new_valid = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid
         cache.valid.index_copy_(1, cols, new_valid)
         x = self.model.embed_tokens(idx)  # (B, T, emb_dim)
-        x = x * torch.tensor(math.sqrt(cfg.emb_dim), dtype=x.dtype, device=x.device)
+        x = x * self.embed_scale[x.dtype]
         plans = {lt: cache.plan(lt, cols, positions) for lt in set(cfg.layer_types)}
         for layer in self.model.layers:
             x = layer(x, plans[layer.layer_type], cache)
@@ -657,7 +664,7 @@ class Gemma3ForCausalLM(nn.Module):
         cfg = self.config
         B, T = idx.shape
         x = self.model.embed_tokens(idx)  # (B, T, emb_dim)
-        x = x * torch.tensor(math.sqrt(cfg.emb_dim), dtype=x.dtype, device=x.device)
+        x = x * self.embed_scale[x.dtype]
         plans = self._plans(T, positions, valid, cache, x.dtype, idx.device)
         for layer in self.model.layers:
             x = layer(x, plans[layer.layer_type], cache)

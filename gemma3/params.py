@@ -332,31 +332,23 @@ def _check_train(t: TrainParams, file: str) -> None:
             hint = "; int8 is for generation only (sample.dtype)" if v == "int8" else ""
             raise _err(file, f"train.{name}", f"must be one of {words}, got {v!r}{hint}")
     rows = t.batch_size * t.grad_accum
-    if t.micro_batch != "auto" and (
-        not isinstance(t.micro_batch, int) or t.micro_batch < 1 or rows % t.micro_batch
-    ):
-        raise _err(
-            file,
-            "train.micro_batch",
-            f"must be auto or an integer dividing train.batch_size x train.grad_accum ({rows}), "
-            f"got {t.micro_batch!r}",
-        )
-    if t.eval_batch_size != "auto" and (
-        not isinstance(t.eval_batch_size, int) or t.eval_batch_size < 1
-    ):
-        raise _err(
-            file,
-            "train.eval_batch_size",
-            f"must be auto or an integer >= 1, got {t.eval_batch_size!r}",
-        )
-    if t.vocab_pad_multiple != "auto" and (
-        not isinstance(t.vocab_pad_multiple, int) or t.vocab_pad_multiple < 1
-    ):
-        raise _err(
-            file,
-            "train.vocab_pad_multiple",
-            f"must be 'auto' or an integer >= 1, got {t.vocab_pad_multiple!r}",
-        )
+    _auto_or_int(
+        file,
+        "train.micro_batch",
+        t.micro_batch,
+        rows,
+        f"dividing train.batch_size x train.grad_accum ({rows})",
+    )
+    _auto_or_int(file, "train.eval_batch_size", t.eval_batch_size, 1, ">= 1")
+    _auto_or_int(file, "train.vocab_pad_multiple", t.vocab_pad_multiple, 1, ">= 1")
+
+
+def _auto_or_int(file: str, key: str, v: Any, divides: int, what: str) -> None:
+    """`auto`, or a positive integer that divides `divides` (1: any). (Types are checked first.)"""
+    if v == "auto":
+        return
+    if not isinstance(v, int) or v < 1 or divides % v:
+        raise _err(file, key, f"must be auto or an integer {what}, got {v!r}")
 
 
 def _check_eval_sample(p: Params, file: str) -> None:

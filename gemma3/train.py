@@ -978,6 +978,29 @@ def peers_alive(rt: Runtime, state: TrainState, state_dir: Path) -> Iterator[Non
 
 
 @contextlib.contextmanager
+def memory_suffices(run: Run, state: TrainState) -> Iterator[None]:
+    """A micro-batch or validation batch too big for the device (check_trainable only covers
+    the weights and optimizer) is one line naming the knobs and a value to try, not a CUDA
+    traceback. Nothing is saved after it: the last saved state is what a re-run resumes from."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        t, rt = run.p.train, run.rt
+        rows = t.batch_size * t.grad_accum
+        smaller = largest_divisor(rows, rt.micro_batch // 2)
+        saved = read_state_info(run.paths.state_dir)
+        resume = f"step {saved['step']}" if saved else "step 0 (no state saved yet)"
+        raise Gemma3EnvironmentError(
+            f"out of {rt.device.type.upper()} memory in step {state.step + 1} at "
+            f"train.micro_batch {rt.micro_batch} x block_size {t.block_size} "
+            f"(train.eval_batch_size {rt.eval_batch_size}): set train.micro_batch to a smaller "
+            f"divisor of batch_size x grad_accum = {rows}, e.g. {smaller} (the optimizer step "
+            "stays the same), or a smaller train.eval_batch_size if it failed in validation; a "
+            f"re-run resumes from {resume}"
+        ) from None
+
+
+@contextlib.contextmanager
 def tracker_ends_with(run: Run) -> Iterator[None]:
     """The MLflow run ends as training did: FAILED on an error, KILLED when stopped (Ctrl-C,
     SIGTERM: the state is saved to resume); `finish` ends it FINISHED."""
@@ -1022,7 +1045,7 @@ def train(
                     )
                 # The bar is closed however the loop ends, so an error starts on a line of its own.
                 with bar if bar is not None else contextlib.nullcontext():
-                    with peers_alive(rt, state, paths.state_dir):
+                    with peers_alive(rt, state, paths.state_dir), memory_suffices(run, state):
                         fit(run, state, fault_hook, bar)
                 return finish(run, state) if rt.is_main else {}
     finally:

@@ -1,5 +1,6 @@
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,30 @@ class Trained:
 
     repo: Path
     run_commit: str  # the commit the baseline trained at (MLflow's git tags point here)
+
+
+def shared_build(
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+    name: str,
+    build: Callable[[Path], object],
+) -> Path:
+    """`build(root)` once per test session, shared by all xdist workers through a file lock
+    (a module/session fixture alone is built once per worker). A build that raised (or skipped)
+    is not marked done, and the next caller starts it again from an empty directory."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if hasattr(request.config, "workerinput"):  # an xdist worker: share the build with the others
+        base = base.parent
+    root = base / name
+    with FileLock(str(base / f"{name}.lock")):
+        if not (base / f"{name}.done").is_file():
+            shutil.rmtree(root, ignore_errors=True)  # a build that failed half way
+            root.mkdir()
+            build(root)
+            (base / f"{name}.done").touch()
+    return root
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +70,77 @@ def repo_copy(trained: Trained, tmp_path: Path) -> Path:
     from tests.dvcrepo import copy_repo
 
     return copy_repo(trained.repo, tmp_path / "repo")
+
+
+# Measured wall times (s) of the slowest tests, all cases of a parametrized test together,
+# `pytest -n 2 --durations=80` on 2026-12-01 (a loaded 2-core machine; setup included where a
+# test builds a shared fixture). Used only to
+# order the run, never to select or skip: a name that no longer matches just loses its place.
+SLOW_FIRST = {
+    "tests/test_engine_precision.py::test_compiled_training_step_matches_eager": 193,
+    "tests/test_pipeline.py::test_queued_experiments_plots_and_leaderboard": 170,
+    "tests/test_engine_precision.py::test_bf16_training_learns_like_fp32": 308,
+    "tests/test_data_dvc.py::test_editing_a_local_source_reruns_download_and_clones_agree": 109,
+    "tests/test_live_metrics.py::test_dvc_exp_run_with_new_params_reads_as_a_new_run_and_exp_show_is_namespaced": 106,
+    "tests/test_cli.py::test_generate_flags_are_one_line_and_say_what_happened": 102,
+    "tests/test_sharing.py::test_readme_walkthrough_replayed_verbatim": 93,
+    "tests/test_registry.py::test_a_queued_grid_records_the_md5_of_the_tokens_each_run_trained_on": 89,
+    "tests/test_install.py::test_library_install_loads_a_checkpoint_and_generates": 83,
+    "tests/test_engine_gpu_paths.py::test_hot_steps_read_nothing_back_from_the_device": 77,
+    "tests/test_data_dvc.py::test_eot_false_and_bad_data_params_through_the_stages": 74,
+    "tests/test_engine_inputs.py::test_fresh_run_failing_under_dvc_repro_keeps_previous_checkpoints": 71,
+    "tests/test_generate.py::test_cli_streams_tokens_as_they_come": 67,
+    "tests/test_train.py::test_resume_after_sigkill_equals_uninterrupted_run": 66,
+    "tests/test_repro_failures.py::test_failed_repro_leaves_previous_outputs_intact": 120,
+    "tests/test_cli.py::test_export_hf_writes_new_dirs_and_replaces_only_its_own_exports": 64,
+    "tests/test_serving.py::test_served_champion_is_bounded_like_the_cli": 61,
+    "tests/test_faults.py::test_kill_during_a_single_file_write_keeps_the_previous_file": 88,
+    "tests/test_tracking.py::test_a_locked_store_mid_run_still_ends_the_run_finished_with_its_model": 51,
+    "tests/test_engine_ddp.py::test_resume_with_state_only_on_rank0_disk_after_a_stop_on_rank1": 44,
+    "tests/test_train.py::test_params_change_after_crash_starts_fresh": 40,
+    "tests/test_decode.py::test_static_cache_greedy_equals_eager_past_the_window_with_left_padding": 39,
+    "tests/test_faults.py::test_kill_during_the_best_checkpoint_write_keeps_the_previous_one": 111,
+    "tests/test_bad_input.py::test_ctrl_c_during_training_saves_state_and_resumes": 38,
+    "tests/test_live_metrics.py::test_dvc_files_follow_the_run_resume_appends_and_a_new_run_starts_fresh": 38,
+    "tests/test_decode.py::test_sample_stage_generates_in_the_params_dtype": 80,
+    "tests/test_decode.py::test_cli_int8_loads_any_checkpoint": 70,
+    "tests/test_resume_padding.py::test_state_resumes_across_vocab_padding_and_ends_where_an_uninterrupted_run_ends": 65,
+    "tests/test_engine_inputs.py::test_fresh_run_that_fails_early_keeps_previous_best_and_state": 36,
+    "tests/test_install.py::test_library_install_console_script": 36,
+    "tests/test_generate.py::test_seed_repeats_and_stop_token_ends_a_row": 35,
+    "tests/test_tracking.py::test_hung_tracking_server_costs_one_short_timeout_per_stage": 35,
+    "tests/test_faults.py::test_kill_during_the_state_write_keeps_the_previous_state_and_resumes": 134,
+    "tests/test_bench_gpu.py::test_dry_run_without_git_and_out_of_time_writes_the_table_to_out": 95,
+}  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Start the slowest tests first, spread over the xdist workers.
+
+    `--dist worksteal` gives each worker a contiguous slice of this order and lets an idle
+    worker take tests from the END of another's queue. A slow test that starts last keeps one
+    core busy alone at the end; all slow tests in one slice would load one worker alone. So
+    each worker's slice starts with its share of the slow tests (longest first; the cases of
+    one test stay together, to share their module fixtures) and ends with quick ones. Only the
+    order changes: every collected test still runs."""
+    groups: dict[str, list[pytest.Item]] = {}
+    rest = []
+    for it in items:
+        name = it.nodeid.split("[")[0]
+        (groups.setdefault(name, []) if name in SLOW_FIRST else rest).append(it)
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    slices: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    load = [0] * workers
+    for name in sorted(groups, key=lambda n: -SLOW_FIRST[n]):
+        w = load.index(min(load))  # longest processing time first, onto the least loaded
+        slices[w] += groups[name]
+        load[w] += SLOW_FIRST[name]
+    left, sizes = len(items), []
+    for w in range(workers):  # the slice sizes xdist's worksteal gives each worker
+        sizes.append(left // (workers - w))
+        left -= sizes[-1]
+    for w in range(workers):
+        take = max(0, sizes[w] - len(slices[w]))
+        slices[w] += rest[:take]
+        rest = rest[take:]
+    items[:] = [it for s in slices for it in s] + rest

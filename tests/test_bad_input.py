@@ -513,6 +513,12 @@ PARAMS_CASES = [
         "train.eval_batch_size: must be auto or an integer >= 1, got 0",
     ),
     case(
+        "params-vocab-pad-multiple-zero",
+        "download",
+        params(train={"vocab_pad_multiple": 0}),
+        "train.vocab_pad_multiple: must be auto or an integer >= 1, got 0",
+    ),
+    case(
         "params-block-size-over-context-length",
         "train",
         params(train={"block_size": 2048}),

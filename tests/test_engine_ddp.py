@@ -186,13 +186,13 @@ def test_torchrun_rank_killed_leaves_one_line_on_the_survivor(tmp_path: Path) ->
         while not state.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)  # the first state is saved at step 4: both ranks are in the loop
         os.kill(_worker_pid(port, 1, deadline), signal.SIGKILL)
-        killed = time.time()
-        proc.communicate(timeout=120)
+        # Bounded, not timed: a survivor left waiting on the dead peer would sit out gloo's
+        # 30-minute collective timeout; a loaded CI box may take a minute or two to tear down.
+        proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert time.time() - killed < 60
     (rank0_log,) = logs.glob("*/attempt_0/0/stderr.log")
     err = rank0_log.read_text(encoding="utf-8")
     assert "Traceback" not in err, err

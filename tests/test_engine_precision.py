@@ -50,12 +50,18 @@ def test_train_writes_the_precision_it_used(tmp_path: Path) -> None:
     assert metrics["precision"] == runtime.resolve_precision("auto", torch.device("cpu"))
 
 
+@pytest.fixture(scope="module")
+def fp32_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The fp32 reference run both bf16 cases compare with (the same run: trained once)."""
+    root = make_project(tmp_path_factory.mktemp("fp32"), train={"precision": "fp32"})
+    return train(load_params(root / "params.yaml"), paths(root), progress=False)
+
+
 @pytest.mark.parametrize("precision", ["bf16-autocast", "bf16-pure"])
-def test_bf16_training_learns_like_fp32(tmp_path: Path, precision: str) -> None:
-    results = {}
-    for prec in ("fp32", precision):
-        root = make_project(tmp_path / prec, train={"precision": prec})
-        results[prec] = train(load_params(root / "params.yaml"), paths(root), progress=False)
+def test_bf16_training_learns_like_fp32(tmp_path: Path, precision: str, fp32_run: dict) -> None:
+    root = make_project(tmp_path / precision, train={"precision": precision})
+    results = {"fp32": fp32_run}
+    results[precision] = train(load_params(root / "params.yaml"), paths(root), progress=False)
     assert results[precision]["precision"] == precision
     assert results[precision]["best_val_loss"] < math.log(512) - 1.0
     assert results[precision]["best_val_loss"] == pytest.approx(

@@ -30,6 +30,7 @@ from tests.test_bad_input import (
     build_workspace,
     run,
     snapshot,
+    stderr_lines,
 )
 
 
@@ -232,3 +233,42 @@ def test_full_disk_during_tokenize_exits_1_naming_the_file(small_disk: Path) -> 
     proc = run(small_disk, "tokenize")
     needles = ("data/.tokens.", "cannot write (No space left on device)", "previous output")
     assert_clean_error(proc, "tokenize", needles, root=small_disk, before=before, code=1)
+
+
+# A micro-batch too big for the GPU, as the trainer meets it: torch's OutOfMemoryError out of the
+# step (raised here in the 4th step, since no CPU test can fill a GPU).
+OOM = """
+import os, runpy, torch
+import gemma3.train as engine
+
+_train_step = engine.train_step
+
+def train_step(run, step, *args, **kwargs):
+    if step == int(os.environ["OOM_AT"]):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.07 GiB.")
+    return _train_step(run, step, *args, **kwargs)
+
+engine.train_step = train_step
+runpy.run_module("stages.train", run_name="__main__")
+"""
+
+
+def test_out_of_memory_is_one_line_naming_a_split_that_resumes(ws: Path) -> None:
+    """README: exit 1, one line naming train.micro_batch and a smaller divisor of the rows per
+    optimizer step; the state saved at step 2 stays, and the re-run with that split resumes."""
+    train = {**SHORT, "batch_size": 4, "grad_accum": 2}
+    write_params(ws, train=train)
+    proc = run(ws, "python", "-c", OOM, extra_env={"OOM_AT": "3"})
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 1, proc.stderr
+    errors = [ln for ln in stderr_lines(proc.stderr) if ": error: " in ln]
+    assert len(errors) == 1, proc.stderr
+    needles = ("out of CPU memory in step 4", "train.micro_batch 4 x block_size", "= 8, e.g. 2")
+    for needle in (*needles, "resumes from step 2"):
+        assert needle in errors[0], errors[0]
+    assert json.loads((ws / STATE / "state.json").read_text())["step"] == 2
+    write_params(ws, train={**train, "micro_batch": 2})
+    resumed = run(ws, "train")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {STATE} at step 2/6" in resumed.stderr, resumed.stderr
+    assert json.loads((ws / "metrics/train.json").read_text())["train"]["steps"] == 6

@@ -36,9 +36,15 @@ def _pip(venv: Path, *args: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def clean_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh venv (no system site-packages) with torch and `pip install <copy of the repo>`."""
-    base = tmp_path_factory.mktemp("install")
+def clean_venv(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    """A fresh venv (no system site-packages) with torch and `pip install <copy of the repo>`,
+    built once per session and shared by the xdist workers (each would build its own)."""
+    from tests.conftest import shared_build
+
+    return shared_build(tmp_path_factory, request, "clean-venv", _build_venv) / "venv"
+
+
+def _build_venv(base: Path) -> None:
     src = base / "src"  # a copy: building a wheel writes build/ and *.egg-info into the source
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -49,7 +55,6 @@ def clean_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     _pip(venv, "torch==2.13.0")  # the Makefile's pin; the machine's local wheel
     _pip(venv, str(src))
-    return venv
 
 
 def _run(venv: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -35,13 +35,19 @@ LONG_PROMPT = "dog" + " dog" * 4999  # 5,000 GPT-2 tokens ("dog", " dog"); gemma
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A repo after one complete `dvc repro` of the tiny pipeline, committed."""
-    repo = make_repo(tmp_path_factory.mktemp("baseline") / "repo", {"tracking": {"enabled": False}})
+def baseline(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    """A repo after one complete `dvc repro` of the tiny pipeline, committed (read-only: each
+    test copies it). Built once per session, shared by the xdist workers."""
+    from tests.conftest import shared_build
+
+    return shared_build(tmp_path_factory, request, "repro-baseline", _build_baseline) / "repo"
+
+
+def _build_baseline(root: Path) -> None:
+    repo = make_repo(root / "repo", {"tracking": {"enabled": False}})
     sh(["dvc", "repro"], repo)
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-q", "-m", "baseline run"], repo)
-    return repo
 
 
 def snapshot(repo: Path, tops: tuple[str, ...]) -> dict[str, str]:
