@@ -339,15 +339,16 @@ def _check_train(t: TrainParams, file: str) -> None:
         rows,
         f"dividing train.batch_size x train.grad_accum ({rows})",
     )
-    _auto_or_int(file, "train.eval_batch_size", t.eval_batch_size, 1, ">= 1")
-    _auto_or_int(file, "train.vocab_pad_multiple", t.vocab_pad_multiple, 1, ">= 1")
+    _auto_or_int(file, "train.eval_batch_size", t.eval_batch_size, None, ">= 1")
+    _auto_or_int(file, "train.vocab_pad_multiple", t.vocab_pad_multiple, None, ">= 1")
 
 
-def _auto_or_int(file: str, key: str, v: Any, divides: int, what: str) -> None:
-    """`auto`, or a positive integer that divides `divides` (1: any). (Types are checked first.)"""
+def _auto_or_int(file: str, key: str, v: Any, dividing: int | None, what: str) -> None:
+    """`auto`, or a positive integer (that divides `dividing`, when given). Types are checked
+    before this, on load."""
     if v == "auto":
         return
-    if not isinstance(v, int) or v < 1 or divides % v:
+    if not isinstance(v, int) or v < 1 or (dividing is not None and dividing % v):
         raise _err(file, key, f"must be auto or an integer {what}, got {v!r}")
 
 
