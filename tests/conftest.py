@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,15 @@ SLOW_FIRST = {
     "tests/test_faults.py::test_kill_during_the_state_write_keeps_the_previous_state_and_resumes": 134,
     "tests/test_bench_gpu.py::test_dry_run_without_git_and_out_of_time_writes_the_table_to_out": 95,
 }  # fmt: skip
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C as a terminal delivers it. A runner that starts pytest in the background (POSIX:
+    `cmd &` in a script ignores SIGINT) passes SIG_IGN down to every stage a test starts, and
+    Python then installs no KeyboardInterrupt handler there, so the Ctrl-C tests would see the
+    stage run on. A handler here becomes SIG_DFL in each child at exec."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
