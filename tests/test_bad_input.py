@@ -246,26 +246,25 @@ def write(rel: str, data: str | bytes) -> Setup:
     return setup
 
 
-def fifo(rel: str) -> Setup:
-    """`rel` replaced by a named pipe nobody writes to: reading it would block forever."""
+def replaced(rel: str, make: Callable[[Path], Any]) -> Setup:
+    """`rel` removed (if there) and made again by `make(path)`."""
 
     def setup(root: Path) -> None:
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
-        os.mkfifo(path)
+        make(path)
 
     return setup
+
+
+def fifo(rel: str) -> Setup:
+    """`rel` replaced by a named pipe nobody writes to: reading it would block forever."""
+    return replaced(rel, os.mkfifo)
 
 
 def symlink(rel: str, target: str) -> Setup:
-    def setup(root: Path) -> None:
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.unlink(missing_ok=True)
-        path.symlink_to(target)
-
-    return setup
+    return replaced(rel, lambda path: path.symlink_to(target))
 
 
 def append(rel: str, data: bytes) -> Setup:
