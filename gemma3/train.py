@@ -1,8 +1,8 @@
 """The training engine: AdamW + warmup/cosine, grad accumulation, clipping, eval, checkpoints.
 
-Read top to bottom: the pure pieces (schedule, batch order, fingerprint), the state that makes a
-run resumable (`TrainState`), then `train` -> `setup` -> `resume` -> `fit`, which runs
-`train_step` and `log_row` until the last step, and `finish`.
+Read top to bottom: the pure pieces (schedule, batch order), what "auto" resolves to, then
+`train` -> `setup` -> `resume` -> `fit`, which runs `train_step` and `log_row` until the last
+step, and `finish`. The training state a run resumes from lives in `gemma3.state`.
 
 Design choices that make runs reproducible and crash-safe:
 - The learning rate is a pure function of the optimizer step, and the micro-batch for global
@@ -20,37 +20,31 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import io
-import json
 import math
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from gemma3.config import Config
 from gemma3.data.tokens import fixed_batches, load_tokens, read_tokens_meta, sample_batch
 from gemma3.errors import Gemma3EnvironmentError, Gemma3Error
 from gemma3.fileio import (
-    atomic_dir,
     atomic_write_json,
     atomic_write_text,
     exclusive_lock,
-    is_regular_file,
-    load_json_object,
 )
-from gemma3.hf import check_trainable, save_checkpoint, write_safetensors
+from gemma3.hf import check_trainable, save_checkpoint
 from gemma3.model import Gemma3ForCausalLM
 from gemma3.params import Params
 from gemma3.runtime import (
@@ -66,11 +60,18 @@ from gemma3.runtime import (
     warn,
     weight_dtype,
 )
+from gemma3.state import (
+    STATE_JSON,
+    TrainState,
+    fingerprint,
+    load_state,
+    read_state_info,
+    read_state_tensors,
+    save_state,
+)
 
 PLOT_FIELDS = ("step", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu")
 VAL_PLOTS = "val.csv"  # beside the plots file: step,val_loss at evaluated steps only
-STATE_TENSORS = "state.safetensors"
-STATE_JSON = "state.json"
 Tracker = Any  # gemma3.tracking's run (log_params, log_metrics, log_artifact, finish) or None
 TrackerFactory = Callable[[str | None, "Runtime", Config], Tracker]
 FaultHook = Callable[[int, torch.Tensor], torch.Tensor]
@@ -121,42 +122,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-
-
-# Settings that do not change the trajectory: a state made with other values still resumes.
-NOT_IN_FINGERPRINT = (
-    "eval_interval",
-    "eval_batches",
-    "log_interval",
-    "checkpoint_interval",
-    "resume",
-    "device",
-    # How an optimizer step's rows are grouped into passes: the same rows and the same step
-    # (within rounding) for any split, so a state resumes under another split or device.
-    "micro_batch",
-    "eval_batch_size",
-)
-
-
-def fingerprint(
-    p: Params, data_meta: dict[str, Any], world_size: int, vocab_pad_multiple: int = 1
-) -> str:
-    """Hash of everything that shapes the training trajectory; a saved state resumes only on a match.
-
-    The model is described as trained: with the vocab padding its machine resolved (64 on CUDA
-    under `vocab_pad_multiple: auto`, 1 elsewhere), which the state records beside the hash.
-    """
-    train = {k: v for k, v in p.to_dict()["train"].items() if k not in NOT_IN_FINGERPRINT}
-    data = {k: data_meta.get(k) for k in ("train", "validation", "eot", "vocab_size", "source")}
-    relevant = {
-        "seed": p.seed,
-        "model": p.model_config(vocab_pad_multiple).to_dict(),
-        "train": train,
-        "data": data,
-        "world_size": world_size,
-    }
-    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,140 +199,6 @@ def resolve_runtime(p: Params, d: Dist | None = None) -> Runtime:
         eval_batch_size=eval_batch_size,
         dist=d,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Training state: weights + optimizer moments in safetensors, the rest in JSON
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainState:
-    """Everything besides tensors that a resumed run needs; saved and loaded whole."""
-
-    step: int = 0  # optimizer steps done
-    fingerprint: str = ""
-    best_val_loss: float = math.inf
-    best_step: int | None = None  # None: this run has not written checkpoints/best yet
-    history: list[dict[str, Any]] = field(default_factory=list)  # the rows of plots/train.csv
-    mlflow_run_id: str | None = None
-    # The padding of the saved embedding / lm head rows (states from before it was recorded: 1,
-    # which is also what their fingerprint describes).
-    vocab_pad_multiple: int = 1
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainState:
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
-
-
-def save_state(
-    directory: Path,
-    model: Gemma3ForCausalLM,
-    optimizer: torch.optim.Optimizer,
-    state: TrainState | dict[str, Any],
-) -> None:
-    if isinstance(state, dict):
-        state = TrainState.from_dict(state)
-    tensors: dict[str, torch.Tensor] = {}
-    for k, v in model.state_dict().items():
-        if k == "lm_head.weight" and model.config.tie_embeddings:
-            continue
-        tensors[f"model.{k}"] = v.detach().cpu().contiguous()
-    osd = optimizer.state_dict()
-    for idx, st in osd["state"].items():
-        for name, v in st.items():
-            tensors[f"optim.{idx}.{name}"] = torch.as_tensor(v).detach().cpu().contiguous()
-    tensors["rng.torch_cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.torch_cuda"] = torch.cuda.get_rng_state()
-    groups = [
-        {k: v for k, v in g.items() if k != "params"} | {"params": g["params"]}
-        for g in osd["param_groups"]
-    ]
-    with atomic_dir(directory) as tmp:
-        write_safetensors(tensors, tmp / STATE_TENSORS)
-        atomic_write_json(tmp / STATE_JSON, {**asdict(state), "param_groups": groups})
-
-
-def read_state_info(directory: Path) -> dict[str, Any] | None:
-    """state.json as written (None when absent: then nothing is resumed); unreadable is one line."""
-    path = directory / STATE_JSON
-    if not is_regular_file(path) or not is_regular_file(directory / STATE_TENSORS):
-        return None
-    info = load_json_object(path, "delete the directory to start fresh")
-    for key, types in (("step", int), ("fingerprint", str), ("param_groups", list)):
-        if not isinstance(info.get(key), types) or isinstance(info.get(key), bool):
-            raise Gemma3Error(
-                f"{path}: {key}: missing or of the wrong type; not a training state written by "
-                "this project: delete the directory to start fresh"
-            )
-    return info
-
-
-def read_state_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(directory / STATE_TENSORS))
-    except (SafetensorError, OSError) as e:
-        raise Gemma3Error(
-            f"{directory / STATE_TENSORS}: unreadable training state ({e}); delete it to start fresh"
-        ) from None
-
-
-# Tensors with one row per (padded) vocabulary entry.
-VOCAB_ROWS = ("model.embed_tokens.weight", "lm_head.weight")
-
-
-def fit_vocab_rows(t: torch.Tensor, rows: int, vocab: int) -> torch.Tensor:
-    """`t` with `rows` rows, changing only padding (rows at or beyond `vocab`): extra rows are
-    zeros (never read: inputs are < vocab and logits are cropped to it, so they stay zero:
-    no gradient, no moment, decay keeps 0 at 0), surplus padding rows are dropped. A tensor
-    with fewer than `vocab` rows is another model's and is returned as is (the shape check
-    then refuses it)."""
-    if t.shape[0] == rows or t.shape[0] < vocab or rows < vocab:
-        return t
-    out = t.new_zeros((rows, *t.shape[1:]))
-    n = min(rows, t.shape[0])
-    out[:n] = t[:n]
-    return out
-
-
-def load_state(
-    directory: Path,
-    model: Gemma3ForCausalLM,
-    optimizer: torch.optim.Optimizer,
-    info: dict[str, Any],
-    tensors: dict[str, torch.Tensor] | None = None,
-) -> TrainState:
-    """Put a saved state into `model` and `optimizer`; `tensors` when already read (or sent)."""
-    tensors = read_state_tensors(directory) if tensors is None else tensors
-    own = model.state_dict()
-    vocab = model.config.vocab_size
-    sd = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    if model.config.tie_embeddings and "model.embed_tokens.weight" in sd:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    for key in VOCAB_ROWS:  # saved on a machine with another vocab padding (CUDA <-> CPU)
-        if key in sd and sd[key].shape[1:] == own[key].shape[1:]:
-            sd[key] = fit_vocab_rows(sd[key], own[key].shape[0], vocab)
-    if set(sd) != set(own) or any(sd[k].shape != own[k].shape for k in own):
-        raise Gemma3Error(
-            f"{directory}: training state does not match the model config; delete it to start fresh"
-        )
-    model.load_state_dict(sd)
-    params = [p for g in optimizer.param_groups for p in g["params"]]  # state_dict's numbering
-    vocab_params = {id(model.get_parameter(k)) for k in VOCAB_ROWS}
-    moments: dict[int, dict[str, torch.Tensor]] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, idx, name = k.split(".", 2)
-            i = int(idx)
-            if i < len(params) and id(params[i]) in vocab_params and v.dim() == 2:
-                v = fit_vocab_rows(v, params[i].shape[0], vocab)  # moments move with their rows
-            moments.setdefault(i, {})[name] = v
-    optimizer.load_state_dict({"state": moments, "param_groups": info["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch_cpu"])
-    if "rng.torch_cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.torch_cuda"])
-    return TrainState.from_dict(info)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -980,24 +811,44 @@ def peers_alive(rt: Runtime, state: TrainState, state_dir: Path) -> Iterator[Non
 @contextlib.contextmanager
 def memory_suffices(run: Run, state: TrainState) -> Iterator[None]:
     """A micro-batch or validation batch too big for the device (check_trainable only covers
-    the weights and optimizer) is one line naming the knobs and a value to try, not a CUDA
+    the weights and optimizer) is one line naming the setting and a value to try, not a CUDA
     traceback. Nothing is saved after it: the last saved state is what a re-run resumes from."""
     try:
         yield
-    except torch.OutOfMemoryError:
-        t, rt = run.p.train, run.rt
+    except torch.OutOfMemoryError as e:
+        raise Gemma3EnvironmentError(out_of_memory(run, state, e)) from None
+
+
+def out_of_memory(run: Run, state: TrainState, e: BaseException) -> str:
+    """What to change after an out-of-memory error in a training pass or in validation (known
+    from whether `validate` is on the traceback's stack): half the batch that failed, kept to a
+    divisor of the optimizer step's rows for training, so the step stays the same."""
+    t, rt = run.p.train, run.rt
+    validating = any(f.f_code is validate.__code__ for f, _ in traceback.walk_tb(e.__traceback__))
+    saved = read_state_info(run.paths.state_dir)
+    resume = f"step {saved['step']}" if saved else "step 0 (no state saved yet)"
+    if validating:
+        where = f"validating after step {state.step + 1}"
+        knob, batch = "train.eval_batch_size", rt.eval_batch_size
+        advice = f"set {knob} to a smaller value, e.g. {max(1, batch // 2)} (the loss is the same)"
+    else:
         rows = t.batch_size * t.grad_accum
-        smaller = largest_divisor(rows, rt.micro_batch // 2)
-        saved = read_state_info(run.paths.state_dir)
-        resume = f"step {saved['step']}" if saved else "step 0 (no state saved yet)"
-        raise Gemma3EnvironmentError(
-            f"out of {rt.device.type.upper()} memory in step {state.step + 1} at "
-            f"train.micro_batch {rt.micro_batch} x block_size {t.block_size} "
-            f"(train.eval_batch_size {rt.eval_batch_size}): set train.micro_batch to a smaller "
-            f"divisor of batch_size x grad_accum = {rows}, e.g. {smaller} (the optimizer step "
-            "stays the same), or a smaller train.eval_batch_size if it failed in validation; a "
-            f"re-run resumes from {resume}"
-        ) from None
+        where = f"in step {state.step + 1}"
+        knob, batch = "train.micro_batch", rt.micro_batch
+        advice = (
+            f"set {knob} to a smaller divisor of batch_size x grad_accum = {rows}, e.g. "
+            f"{largest_divisor(rows, batch // 2)} (the optimizer step stays the same)"
+        )
+    if batch == 1:  # no smaller split: the model itself (or the window) must shrink
+        return (
+            f"out of {rt.device.type.upper()} memory {where}: even one row of "
+            f"block_size {t.block_size} per pass ({knob} 1) does not fit; use a smaller model, "
+            "a shorter train.block_size or a device with more memory (each starts a new run)"
+        )
+    return (
+        f"out of {rt.device.type.upper()} memory {where} at {knob} {batch} x block_size "
+        f"{t.block_size}: {advice}; a re-run resumes from {resume}"
+    )
 
 
 @contextlib.contextmanager

@@ -73,45 +73,75 @@ def repo_copy(trained: Trained, tmp_path: Path) -> Path:
     return copy_repo(trained.repo, tmp_path / "repo")
 
 
+# The experiments the `queued` repo ran (train.lr; the baseline's is 0.003).
+QUEUED = {"lr-high": 0.004, "lr-low": 0.001}
+
+
+@pytest.fixture(scope="session")
+def queued(
+    trained: Trained, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Path:
+    """The baseline with QUEUED run as DVC's queue runs them (`dvc exp run --queue`, then
+    `--run-all -j 2`: two temporary copies training at once), built once per session for the
+    tests that read what a queue leaves. Read-only: `copy_repo` it first (dvc takes its lock
+    even to read)."""
+    from tests.dvcrepo import copy_repo, sh
+
+    def build(root: Path) -> None:
+        repo = copy_repo(trained.repo, root / "repo")
+        for name, lr in QUEUED.items():
+            sh(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}"], repo)
+        sh(["dvc", "exp", "run", "--run-all", "-j", "2"], repo)
+
+    return shared_build(tmp_path_factory, request, "queued", build) / "repo"
+
+
 # Measured wall times (s) of the slowest tests, all cases of a parametrized test together,
-# `pytest -n 2 --durations=80` on 2026-12-01 (a loaded 2-core machine; setup included where a
-# test builds a shared fixture). Used only to
-# order the run, never to select or skip: a name that no longer matches just loses its place.
+# `pytest -n 3 --durations=80` on 2026-12-01 (a quiet 2-core machine, one torch thread per
+# worker; setup included where a test builds a shared fixture; the queued tests as they share
+# the `queued` build since). Used only to order the run, never to select or skip: a name that no
+# longer matches just loses its place.
 SLOW_FIRST = {
-    "tests/test_engine_precision.py::test_compiled_training_step_matches_eager": 193,
-    "tests/test_pipeline.py::test_queued_experiments_plots_and_leaderboard": 170,
-    "tests/test_engine_precision.py::test_bf16_training_learns_like_fp32": 308,
-    "tests/test_data_dvc.py::test_editing_a_local_source_reruns_download_and_clones_agree": 109,
-    "tests/test_live_metrics.py::test_dvc_exp_run_with_new_params_reads_as_a_new_run_and_exp_show_is_namespaced": 106,
-    "tests/test_cli.py::test_generate_flags_are_one_line_and_say_what_happened": 102,
-    "tests/test_sharing.py::test_readme_walkthrough_replayed_verbatim": 93,
-    "tests/test_registry.py::test_a_queued_grid_records_the_md5_of_the_tokens_each_run_trained_on": 89,
-    "tests/test_install.py::test_library_install_loads_a_checkpoint_and_generates": 83,
-    "tests/test_engine_gpu_paths.py::test_hot_steps_read_nothing_back_from_the_device": 77,
-    "tests/test_data_dvc.py::test_eot_false_and_bad_data_params_through_the_stages": 74,
-    "tests/test_engine_inputs.py::test_fresh_run_failing_under_dvc_repro_keeps_previous_checkpoints": 71,
-    "tests/test_generate.py::test_cli_streams_tokens_as_they_come": 67,
-    "tests/test_train.py::test_resume_after_sigkill_equals_uninterrupted_run": 66,
-    "tests/test_repro_failures.py::test_failed_repro_leaves_previous_outputs_intact": 120,
-    "tests/test_cli.py::test_export_hf_writes_new_dirs_and_replaces_only_its_own_exports": 64,
-    "tests/test_serving.py::test_served_champion_is_bounded_like_the_cli": 61,
-    "tests/test_faults.py::test_kill_during_a_single_file_write_keeps_the_previous_file": 88,
-    "tests/test_tracking.py::test_a_locked_store_mid_run_still_ends_the_run_finished_with_its_model": 51,
-    "tests/test_engine_ddp.py::test_resume_with_state_only_on_rank0_disk_after_a_stop_on_rank1": 44,
-    "tests/test_train.py::test_params_change_after_crash_starts_fresh": 40,
-    "tests/test_decode.py::test_static_cache_greedy_equals_eager_past_the_window_with_left_padding": 39,
-    "tests/test_faults.py::test_kill_during_the_best_checkpoint_write_keeps_the_previous_one": 111,
-    "tests/test_bad_input.py::test_ctrl_c_during_training_saves_state_and_resumes": 38,
-    "tests/test_live_metrics.py::test_dvc_files_follow_the_run_resume_appends_and_a_new_run_starts_fresh": 38,
-    "tests/test_decode.py::test_sample_stage_generates_in_the_params_dtype": 80,
-    "tests/test_decode.py::test_cli_int8_loads_any_checkpoint": 70,
-    "tests/test_resume_padding.py::test_state_resumes_across_vocab_padding_and_ends_where_an_uninterrupted_run_ends": 65,
-    "tests/test_engine_inputs.py::test_fresh_run_that_fails_early_keeps_previous_best_and_state": 36,
-    "tests/test_install.py::test_library_install_console_script": 36,
-    "tests/test_generate.py::test_seed_repeats_and_stop_token_ends_a_row": 35,
-    "tests/test_tracking.py::test_hung_tracking_server_costs_one_short_timeout_per_stage": 35,
-    "tests/test_faults.py::test_kill_during_the_state_write_keeps_the_previous_state_and_resumes": 134,
-    "tests/test_bench_gpu.py::test_dry_run_without_git_and_out_of_time_writes_the_table_to_out": 95,
+    "tests/test_engine_precision.py::test_compiled_training_step_matches_eager": 134,
+    "tests/test_pipeline.py::test_queued_experiments_plots_and_leaderboard": 110,
+    "tests/test_sharing.py::test_readme_walkthrough_replayed_verbatim": 83,
+    "tests/test_repro_failures.py::test_failed_repro_leaves_previous_outputs_intact": 82,
+    "tests/test_bench_gpu.py::test_dry_run_without_git_and_out_of_time_writes_the_table_to_out": 66,
+    "tests/test_registry.py::test_a_queued_grid_records_the_md5_of_the_tokens_each_run_trained_on": 50,
+    "tests/test_serving.py::test_served_champion_is_bounded_like_the_cli": 48,
+    "tests/test_live_metrics.py::test_dvc_exp_run_with_new_params_reads_as_a_new_run_and_exp_show_is_namespaced": 48,
+    "tests/test_install.py::test_library_install_loads_a_checkpoint_and_generates": 48,
+    "tests/test_resume_padding.py::test_state_resumes_across_vocab_padding_and_ends_where_an_uninterrupted_run_ends": 47,
+    "tests/test_faults.py::test_kill_during_the_state_write_keeps_the_previous_state_and_resumes": 46,
+    "tests/test_faults.py::test_kill_during_the_best_checkpoint_write_keeps_the_previous_one": 44,
+    "tests/test_data_dvc.py::test_editing_a_local_source_reruns_download_and_clones_agree": 44,
+    "tests/test_tracking.py::test_a_locked_store_mid_run_still_ends_the_run_finished_with_its_model": 40,
+    "tests/test_train.py::test_resume_after_sigkill_equals_uninterrupted_run": 38,
+    "tests/test_bad_input.py::test_temperature_below_fp32_range_decodes_greedily_in_cli_and_stage": 34,
+    "tests/test_tracking.py::test_hung_tracking_server_costs_one_short_timeout_per_stage": 31,
+    "tests/test_engine_inputs.py::test_fresh_run_failing_under_dvc_repro_keeps_previous_checkpoints": 31,
+    "tests/test_engine_ddp.py::test_resume_with_state_only_on_rank0_disk_after_a_stop_on_rank1": 31,
+    "tests/test_train.py::test_params_change_after_crash_starts_fresh": 30,
+    "tests/test_bad_input.py::test_bad_input_fails_in_one_line_and_changes_nothing": 30,
+    "tests/test_faults.py::test_out_of_memory_is_one_line_naming_a_split_that_resumes": 30,
+    "tests/test_train.py::test_ddp_two_processes_match_single_process_accumulation": 29,
+    "tests/test_data_dvc.py::test_eot_false_and_bad_data_params_through_the_stages": 28,
+    "tests/test_bench_gpu.py::test_dvc_failing_before_training_falls_back_to_the_stage_command": 28,
+    "tests/test_cli.py::test_generate_flags_are_one_line_and_say_what_happened": 26,
+    "tests/test_sharing.py::test_push_pull_through_s3": 25,
+    "tests/test_bad_input.py::test_ctrl_c_during_training_saves_state_and_resumes": 23,
+    "tests/test_cli.py::test_export_hf_writes_new_dirs_and_replaces_only_its_own_exports": 22,
+    "tests/test_tracking.py::test_dead_tracking_server_warns_once_and_training_completes": 21,
+    "tests/test_engine_ddp.py::test_logged_loss_is_the_mean_over_ranks": 20,
+    "tests/test_tracking.py::test_a_full_artifact_store_leaves_no_partial_model_and_the_run_finished": 19,
+    "tests/test_decode.py::test_cli_int8_loads_any_checkpoint": 19,
+    "tests/test_pipeline.py::test_eval_param_change_reruns_evaluate_only_into_the_same_run": 17,
+    "tests/test_install.py::test_library_install_console_script": 17,
+    "tests/test_decode.py::test_sample_stage_generates_in_the_params_dtype": 17,
+    "tests/test_engine_inputs.py::test_fresh_run_that_fails_early_keeps_previous_best_and_state": 16,
+    "tests/test_bench_gpu.py::test_hard_limit_writes_the_table_and_stops_the_stage": 16,
+    "tests/test_tracking.py::test_a_failed_training_ends_its_run_failed": 15,
+    "tests/test_generate.py::test_cli_reads_prompt_from_stdin_and_errors_are_one_line": 14,
 }  # fmt: skip
 
 
@@ -122,6 +152,10 @@ def pytest_configure(config: pytest.Config) -> None:
     stage run on. A handler here becomes SIG_DFL in each child at exec."""
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    # One thread per xdist worker (before any test imports torch): the workers, not torch's
+    # threads, share the cores, so an in-process training test never spins against another.
+    if hasattr(config, "workerinput"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -45,8 +45,8 @@ from gemma3.generation import generate
 from gemma3.hf import load_checkpoint, save_checkpoint
 from gemma3.model import Gemma3ForCausalLM
 from gemma3.params import load_params
+from gemma3.state import fingerprint, save_state
 from gemma3.tokenizer import EOT_ID, decode
-from gemma3.train import fingerprint, save_state
 from tests.project import (
     REPO,
     env,

@@ -14,7 +14,8 @@ import yaml
 
 from gemma3.errors import Gemma3Error
 from gemma3.params import Params, load_params
-from gemma3.train import NOT_IN_FINGERPRINT, fingerprint, lr_at, train
+from gemma3.state import NOT_IN_FINGERPRINT, fingerprint
+from gemma3.train import lr_at, train
 from tests.project import REPO
 from tests.test_train import make_project, paths
 

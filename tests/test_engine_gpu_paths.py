@@ -52,10 +52,20 @@ def test_micro_batch_split_gives_the_same_optimizer_step(tmp_path: Path, micro_b
         out[mb] = (_state(root), _history(root))
     ref, split = out[8], out[micro_batch]
     assert ref[0].keys() == split[0].keys() and len(ref[0]) > 10
+    # The moments element by element. The weights by their RMS difference: AdamW's first steps
+    # move each weight by about lr x g / (|g| + eps), so a weight whose gradient is of the order
+    # of eps (or cancels out) moves by a different fraction of a step under another summation
+    # order (the split, the thread count); 3.6e-6 at lr 3e-3 was seen on one element with one
+    # thread. A split that changed the gradient would move most weights by a fraction of lr.
+    lr = load_params(root / "params.yaml").train.lr
     for k, v in ref[0].items():
-        torch.testing.assert_close(
-            split[0][k], v, rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}"
-        )
+        if k.startswith("model."):
+            rms = (split[0][k] - v).double().square().mean().sqrt().item()
+            assert rms <= 1e-3 * lr, f"{k}: RMS difference {rms:.3g} > 1e-3 x lr"
+        else:
+            torch.testing.assert_close(
+                split[0][k], v, rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}"
+            )
     assert split[1] == pytest.approx(ref[1], rel=1e-5)
 
 

@@ -235,40 +235,83 @@ def test_full_disk_during_tokenize_exits_1_naming_the_file(small_disk: Path) -> 
     assert_clean_error(proc, "tokenize", needles, root=small_disk, before=before, code=1)
 
 
-# A micro-batch too big for the GPU, as the trainer meets it: torch's OutOfMemoryError out of the
-# step (raised here in the 4th step, since no CPU test can fill a GPU).
+# A batch too big for the GPU, as the trainer meets it: torch's OutOfMemoryError out of a training
+# pass (step OOM_AT + 1) or out of the validation model's forward (its OOM_AT-th call), since no
+# CPU test can fill a GPU.
 OOM = """
 import os, runpy, torch
 import gemma3.train as engine
 
-_train_step = engine.train_step
+at, _train_step, _wrap_model = int(os.environ["OOM_AT"]), engine.train_step, engine.wrap_model
+
+def oom():
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.07 GiB.")
 
 def train_step(run, step, *args, **kwargs):
-    if step == int(os.environ["OOM_AT"]):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.07 GiB.")
+    if os.environ["OOM_IN"] == "training" and step == at:
+        oom()
     return _train_step(run, step, *args, **kwargs)
 
-engine.train_step = train_step
+class EvalForward(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, *args):
+        self.calls += 1
+        if os.environ["OOM_IN"] == "validation" and self.calls == at:
+            oom()
+        return self.inner(*args)
+
+def wrap_model(run):
+    _wrap_model(run)
+    run.eval_forward = EvalForward(run.eval_forward)
+
+engine.train_step, engine.wrap_model = train_step, wrap_model
 runpy.run_module("stages.train", run_name="__main__")
 """
 
 
-def test_out_of_memory_is_one_line_naming_a_split_that_resumes(ws: Path) -> None:
-    """README: exit 1, one line naming train.micro_batch and a smaller divisor of the rows per
-    optimizer step; the state saved at step 2 stays, and the re-run with that split resumes."""
-    train = {**SHORT, "batch_size": 4, "grad_accum": 2}
+# Where the OOM strikes -> (the batch setting, OOM_AT, what the line must say).
+OOM_CASES = {
+    "training": ("micro_batch", 3, ("in step 4 at train.micro_batch 4 x", "= 8, e.g. 2")),
+    "validation": ("eval_batch_size", 2, ("validating after step 4 at train.eval_batch_size 4 x", "smaller value, e.g. 2")),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("where", list(OOM_CASES))
+def test_out_of_memory_is_one_line_naming_a_split_that_resumes(ws: Path, where: str) -> None:
+    """README: exit 1, one line naming the batch that failed (train.micro_batch, or
+    train.eval_batch_size in validation) and a value to try, for training a smaller divisor of
+    the rows per optimizer step; the state saved at step 2 stays, and a re-run with that value
+    resumes. (Validation runs one pass at each even step: its 2nd is the one after step 4.)"""
+    knob, at, needles = OOM_CASES[where]
+    train = {**SHORT, "batch_size": 4, "grad_accum": 2, "eval_batch_size": 4}
     write_params(ws, train=train)
-    proc = run(ws, "python", "-c", OOM, extra_env={"OOM_AT": "3"})
+    proc = run(ws, "python", "-c", OOM, extra_env={"OOM_AT": str(at), "OOM_IN": where})
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.returncode == 1, proc.stderr
     errors = [ln for ln in stderr_lines(proc.stderr) if ": error: " in ln]
     assert len(errors) == 1, proc.stderr
-    needles = ("out of CPU memory in step 4", "train.micro_batch 4 x block_size", "= 8, e.g. 2")
-    for needle in (*needles, "resumes from step 2"):
+    for needle in ("out of CPU memory", *needles, "resumes from step 2"):
         assert needle in errors[0], errors[0]
     assert json.loads((ws / STATE / "state.json").read_text())["step"] == 2
-    write_params(ws, train={**train, "micro_batch": 2})
+    write_params(ws, train={**train, knob: 2})
     resumed = run(ws, "train")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from {STATE} at step 2/6" in resumed.stderr, resumed.stderr
     assert json.loads((ws / "metrics/train.json").read_text())["train"]["steps"] == 6
+
+
+@pytest.mark.parametrize("where", ["training", "validation"])
+def test_out_of_memory_at_one_row_per_pass_names_what_else_to_shrink(ws: Path, where: str) -> None:
+    """At a batch of one row there is no smaller split to suggest: the line says so and names
+    the model, the block size and the device instead (never 'e.g. 1' again)."""
+    write_params(ws, train={**SHORT, "batch_size": 2, "micro_batch": 1, "eval_batch_size": 1})
+    proc = run(ws, "python", "-c", OOM, extra_env={"OOM_AT": "1", "OOM_IN": where})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = [ln for ln in stderr_lines(proc.stderr) if ": error: " in ln]
+    knob = "train.micro_batch 1" if where == "training" else "train.eval_batch_size 1"
+    for needle in (f"even one row of block_size 32 per pass ({knob}) does not fit", "smaller model", "shorter train.block_size"):  # fmt: skip
+        assert needle in line, line
+    assert "e.g." not in line, line

@@ -14,8 +14,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import Trained
-from tests.dvcrepo import PROMPT, MlflowServer, greedy_cli, metrics, read_json, sh, tags, tool_env
+from tests.conftest import QUEUED, Trained
+from tests.dvcrepo import (
+    PROMPT,
+    MlflowServer,
+    copy_repo,
+    greedy_cli,
+    metrics,
+    read_json,
+    sh,
+    tags,
+    tool_env,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -124,13 +134,10 @@ def test_eval_param_change_reruns_evaluate_only_into_the_same_run(repo_copy: Pat
     assert [m.value for m in hist] == pytest.approx([before["loss"], after["loss"]], abs=1e-4)
 
 
-def test_queued_experiments_plots_and_leaderboard(repo_copy: Path, tmp_path: Path) -> None:
-    repo = repo_copy
+def test_queued_experiments_plots_and_leaderboard(queued: Path, tmp_path: Path) -> None:
+    repo = copy_repo(queued, tmp_path / "repo")  # two queued experiments against the baseline
     head = sh(["git", "rev-parse", "HEAD"], repo).stdout.strip()
-    lrs = {"lr-high": 0.004}  # one queued experiment against the baseline (lr 0.003)
-    for name, lr in lrs.items():
-        sh(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}"], repo)
-    sh(["dvc", "exp", "run", "--run-all"], repo)
+    lrs = QUEUED
 
     shown = json.loads(sh(["dvc", "exp", "show", "--json"], repo).stdout)
     exps = {ex["name"]: ex["data"] for rev in shown for e in rev.get("experiments") or [] for ex in e["revs"]}  # fmt: skip

@@ -229,16 +229,17 @@ def test_two_trainers_finishing_at_once_leave_the_better_one_champion(
 
 
 @pytest.mark.slow
-def test_a_queued_grid_records_the_md5_of_the_tokens_each_run_trained_on(repo_copy: Path) -> None:
+def test_a_queued_grid_records_the_md5_of_the_tokens_each_run_trained_on(
+    queued: Path, tmp_path: Path
+) -> None:
     """`dvc exp run --queue` runs in temporary copies under .dvc/tmp/exps/ that are deleted
-    afterwards: both runs still record the DVC md5 of their tokens and a source that exists."""
+    afterwards: both runs (trained at once, `-j 2`) still record the DVC md5 of their tokens and
+    a source that exists."""
     import mlflow
 
-    from tests.dvcrepo import sh
+    from tests.dvcrepo import copy_repo
 
-    repo = repo_copy
-    sh(["dvc", "exp", "run", "--queue", "-S", "train.lr=1e-3,3e-3"], repo)
-    sh(["dvc", "exp", "run", "--run-all", "-j", "2"], repo)
+    repo = copy_repo(queued, tmp_path / "repo")
     lock = yaml.safe_load((repo / "dvc.lock").read_text(encoding="utf-8"))
     (md5,) = [o["md5"] for o in lock["stages"]["tokenize"]["outs"] if o["path"] == "data/tokens"]
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
@@ -246,9 +247,9 @@ def test_a_queued_grid_records_the_md5_of_the_tokens_each_run_trained_on(repo_co
     runs = [
         r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("stage") == "train"
     ]
-    queued = [r for r in runs if r.data.params.get("train.lr") in ("0.001", "0.003")]
-    assert sorted(r.data.params["train.lr"] for r in queued) == ["0.001", "0.003"]
-    for run in queued:
+    grid = [r for r in runs if r.data.params.get("train.lr") in ("0.001", "0.004")]
+    assert sorted(r.data.params["train.lr"] for r in grid) == ["0.001", "0.004"]
+    for run in grid:
         assert run.info.status == "FINISHED"
         assert run.data.tags["data.dvc_md5"] == md5
         (ds,) = run.inputs.dataset_inputs
