@@ -660,3 +660,27 @@ def test_local_source_through_the_stage(
         stories = list(read_split(tmp_path / "data" / "raw", "train"))
         stories += list(read_split(tmp_path / "data" / "raw", "validation"))
         assert not any("\ufeff" in s or "endoftext" in s for s in stories)
+
+
+def test_the_data_stages_run_where_torch_cannot_be_imported(tmp_path: Path) -> None:
+    """download and tokenize never import torch (about 2-3 s of a stage's start on a CPU, paid
+    by every `dvc repro` that re-tokenizes): both run, and tokenize writes its tokens, with a
+    `torch` first on the path whose import fails."""
+    import os
+    import subprocess
+
+    from tests.project import env, stage_cmd, write_params
+
+    blocker = tmp_path / "no-torch" / "torch"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text('raise ImportError("a data stage imported torch")\n')
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    write_params(ws, data={"synthetic": {"n_train": 200, "n_val": 20}})
+    e = env()
+    e["PYTHONPATH"] = os.pathsep.join((str(blocker.parent), e["PYTHONPATH"]))
+    for stage in ("download", "tokenize"):
+        proc = subprocess.run(stage_cmd(stage), cwd=ws, env=e, capture_output=True, text=True)
+        assert proc.returncode == 0, f"{stage}: {proc.stderr[-2000:]}"
+    meta = json.loads((ws / "data" / "tokens" / "meta.json").read_text(encoding="utf-8"))
+    assert (ws / "data/tokens/train.bin").stat().st_size == 2 * meta["train"]["tokens"] > 0

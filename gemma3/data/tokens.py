@@ -12,15 +12,17 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from gemma3.data.raw import SPLITS, quiet_datasets, split_path, write_error
 from gemma3.errors import Gemma3Error
 from gemma3.fileio import atomic_path, atomic_write_json, is_regular_file, load_json_object
 from gemma3.tokenizer import EOT_ID, VOCAB_SIZE, get_encoding
+
+if TYPE_CHECKING:  # torch only where batches are made: the tokenize stage never imports it
+    import torch
 
 
 def _encode_batch(batch: dict[str, list[str]], eot: bool) -> dict[str, list[Any]]:
@@ -240,6 +242,8 @@ def sample_batch(
     stream: str = "train",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows (x, y = x shifted by one) determined only by (seed, stream, step)."""
+    import torch
+
     rng = np.random.default_rng([seed, STREAMS[stream], step])
     starts = rng.integers(0, len(data) - block_size, size=batch_size)
     windows = np.stack([np.asarray(data[s : s + block_size + 1], dtype=np.int64) for s in starts])
