@@ -12,7 +12,9 @@ TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 # pytest-xdist workers, one torch thread each (tests/conftest.py). One more than this project's
 # 2-core CI machines have: a fifth of the suite's time is spent waiting on dvc, MLflow servers
-# and stage subprocesses, and a third worker fills it (13m50s against 15m24s with 2).
+# and stage subprocesses, and a third worker fills it. Measured on one 2-core machine on
+# 2026-12-01: 17m19s against 17m56s with 2 workers on the same tree; the machine's own speed
+# varied more than that within the hour (the same suite took 13m50s earlier).
 TEST_WORKERS ?= 3
 
 # DVC runs stage commands (`python -m stages.X`) through the shell: this venv's python must win.
