@@ -39,11 +39,7 @@ import torch.distributed as dist
 from gemma3.config import Config
 from gemma3.data.tokens import fixed_batches, load_tokens, read_tokens_meta, sample_batch
 from gemma3.errors import Gemma3EnvironmentError, Gemma3Error
-from gemma3.fileio import (
-    atomic_write_json,
-    atomic_write_text,
-    exclusive_lock,
-)
+from gemma3.fileio import atomic_write_json, atomic_write_text, exclusive_lock
 from gemma3.hf import check_trainable, save_checkpoint
 from gemma3.model import Gemma3ForCausalLM
 from gemma3.params import Params
@@ -825,12 +821,10 @@ def out_of_memory(run: Run, state: TrainState, e: BaseException) -> str:
     divisor of the optimizer step's rows for training, so the step stays the same."""
     t, rt = run.p.train, run.rt
     validating = any(f.f_code is validate.__code__ for f, _ in traceback.walk_tb(e.__traceback__))
-    saved = read_state_info(run.paths.state_dir)
-    resume = f"step {saved['step']}" if saved else "step 0 (no state saved yet)"
     if validating:
         where = f"validating after step {state.step + 1}"
         knob, batch = "train.eval_batch_size", rt.eval_batch_size
-        advice = f"set {knob} to a smaller value, e.g. {max(1, batch // 2)} (the loss is the same)"
+        advice = f"set {knob} to a smaller value, e.g. {batch // 2} (the loss is the same)"
     else:
         rows = t.batch_size * t.grad_accum
         where = f"in step {state.step + 1}"
@@ -845,6 +839,8 @@ def out_of_memory(run: Run, state: TrainState, e: BaseException) -> str:
             f"block_size {t.block_size} per pass ({knob} 1) does not fit; use a smaller model, "
             "a shorter train.block_size or a device with more memory (each starts a new run)"
         )
+    saved = read_state_info(run.paths.state_dir)
+    resume = f"step {saved['step']}" if saved else "step 0 (no state saved yet)"
     return (
         f"out of {rt.device.type.upper()} memory {where} at {knob} {batch} x block_size "
         f"{t.block_size}: {advice}; a re-run resumes from {resume}"

@@ -49,19 +49,10 @@ def shared_build(
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Trained:
     """One tiny pipeline, trained and committed once per test session (one build shared by all
-    xdist workers through a file lock), for the pipeline, sharing and tracking tests."""
-    from filelock import FileLock
-
+    xdist workers), for the pipeline, sharing and tracking tests."""
     from tests.dvcrepo import build_trained_repo
 
-    base = tmp_path_factory.getbasetemp()
-    if hasattr(request.config, "workerinput"):  # an xdist worker: share the build with the others
-        base = base.parent
-    root = base / "trained-baseline"
-    with FileLock(str(base / "trained-baseline.lock")):
-        if not (root / "run_commit").is_file():
-            shutil.rmtree(root, ignore_errors=True)  # a build that failed half way
-            build_trained_repo(root)
+    root = shared_build(tmp_path_factory, request, "trained-baseline", build_trained_repo)
     return Trained(root / "repo", (root / "run_commit").read_text(encoding="utf-8"))
 
 
